@@ -1,0 +1,23 @@
+# Two commands set everything up on a fresh machine (see README.md):
+#   make demo   random checkpoint -> synthesized WAV (random weights: the audio is noise)
+#   make test   the whole test suite, parity against the reference included
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: pyproject.toml requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+.PHONY: install demo test
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m s1_mini.demo --out out/demo
+
+# pytest exits 5 when it collects no tests; that is not a failure of the product.
+test: install
+	bash tests/parity/build_reference_env.sh
+	$(PY) -m pytest -q -ra tests; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc

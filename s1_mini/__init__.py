@@ -1,0 +1,1 @@
+"""S1-mini inference: Dual-AR text-to-semantic model, codec, engine and servers."""
