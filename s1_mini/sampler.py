@@ -30,14 +30,14 @@ class SamplingParams:
 
     def validate(self) -> None:
         """The reference's generator asserts these open/closed ranges."""
-        checks = [
-            ("temperature", self.temperature, 0 < self.temperature < 2, "0 < temperature < 2"),
-            ("top_p", self.top_p, 0 < self.top_p <= 1, "0 < top_p <= 1"),
-            ("repetition_penalty", self.repetition_penalty, 0 < self.repetition_penalty < 2,
-             "0 < repetition_penalty < 2"),
+        rules = [
+            ("temperature", lambda v: 0 < v < 2, "0 < temperature < 2"),
+            ("top_p", lambda v: 0 < v <= 1, "0 < top_p <= 1"),
+            ("repetition_penalty", lambda v: 0 < v < 2, "0 < repetition_penalty < 2"),
         ]
-        for name, value, ok, rule in checks:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
+        for name, ok, rule in rules:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
                 raise ValueError(f"{name}: must satisfy {rule}, got {value!r}")
 
     def effective(self) -> tuple[float, float, float]:

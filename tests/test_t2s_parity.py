@@ -223,3 +223,23 @@ def test_decode_frame_shape(parity):
     with torch.inference_mode():
         frame = decode_frame(model, prompt[None].long(), torch.arange(prompt.shape[1])[None], None, s, None, None)
     assert frame.shape == (1, model.config.num_codebooks + 1)
+
+
+def test_cli_codes_equal_reference_seeded_codes(parity, tmp_path):
+    """`python -m s1_mini.generate` writes the reference's codes_<k>.npy for the same seed."""
+    import sys
+
+    name, model, tok, ref, cases = parity
+    case = cases[1]
+    ref_case = case["references"][0]
+    out = tmp_path / "codes.npy"
+    ckpt = Path(ref_case["codes"]).parent / "ckpt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "s1_mini.generate", "--checkpoint", str(ckpt), "--text", case["text"],
+         "--reference-text", ref_case["text"], "--reference-codes", ref_case["codes"],
+         "--seed", str(SEEDS[0]), "--max-new-tokens", str(PARAMS["max_new_tokens"]),
+         "--temperature", str(PARAMS["temperature"]), "--top-p", str(PARAMS["top_p"]),
+         "--repetition-penalty", str(PARAMS["repetition_penalty"]), "--device", "cpu",
+         "--precision", "float32", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_array_equal(np.load(out), ref[f"{case['name']}_seed{SEEDS[0]}"])
