@@ -1,0 +1,18 @@
+"""The S1 audio codec (Fish-Speech ``modded_dac_vq``): 44.1 kHz mono audio ⇄ codes ``[N, T]``.
+
+Written from ``spec/codec.md``; the reference (fish-speech 0.1.0) is only a test oracle.
+"""
+
+from .audio import encode_reference_audio, load_audio
+from .config import CodecConfig, CodecConfigError
+from .context import CodecStreamState
+from .model import Codec
+
+__all__ = [
+    "Codec",
+    "CodecConfig",
+    "CodecConfigError",
+    "CodecStreamState",
+    "encode_reference_audio",
+    "load_audio",
+]
