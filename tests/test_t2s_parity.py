@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from s1_mini.generation import decode_frame, generate
+from s1_mini.generation import generate
+from s1_mini.runner import decode_frame
 from s1_mini.model import load_text2semantic
 from s1_mini.prompt import Reference, build_prompt
 from s1_mini.sampler import BatchSampling, SamplingParams

@@ -1,0 +1,135 @@
+"""EngineConfig: every option of the engine and its servers, in one place.
+
+Each field can also come from the environment as ``S1_MINI_<FIELD>`` (upper case), and
+the seed README's short names are kept as aliases: ``S1_MINI_COMPILE`` for
+``compile_model`` and ``S1_MINI_REQUEST_TIMEOUT`` for ``request_timeout_seconds``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+ENV_PREFIX = "S1_MINI_"
+ENV_ALIASES = {"compile_model": "S1_MINI_COMPILE", "request_timeout_seconds": "S1_MINI_REQUEST_TIMEOUT"}
+PRECISIONS = ("float16", "bfloat16", "float32")
+COMPILE_BACKENDS = ("auto", "inductor", "eager", "disabled")
+
+
+class EngineConfigError(ValueError):
+    """An option with a value that breaks its rule; the message names both."""
+
+
+@dataclass
+class EngineConfig:
+    # model
+    checkpoint_path: str = "checkpoints/openaudio-s1-mini"
+    device: str = "cuda"  # cuda[:i], cpu or mps; cuda falls back to cpu (with a warning) when absent
+    precision: str = "float16"
+    # compilation
+    compile_model: bool = True
+    compile_backend: str = "auto"
+    compile_mode: str | None = "reduce-overhead"
+    # VRAM management
+    vram_clear_on_oom_only: bool = True
+    vram_clear_threshold_gb: float = 2.0
+    # timeouts and limits
+    request_timeout_seconds: float = 60.0
+    max_text_length: int = 10_000
+    text_piece_chars: int = 300  # longer text is generated piece by piece (split at sentences)
+    max_new_tokens: int = 1024  # frames per piece; 0 = up to the context limit
+    max_batch_size: int = 8  # sequences decoded together (continuous batching)
+    max_seq_len: int = 0  # KV-cache positions per sequence; 0 = the model's max_seq_len
+    kv_cache_gb: float = 0.0  # KV-cache budget; 0 = no budget beyond max_batch_size
+    max_queue_size: int = 256  # waiting requests beyond the batch; more are refused at once
+    stream_chunk_frames: int = 4  # frames decoded to audio per streamed chunk (after the first)
+    warmup: bool = True
+    # generation defaults
+    default_temperature: float = 0.7
+    default_top_p: float = 0.8
+    default_repetition_penalty: float = 1.1
+    # voices
+    voice_registry_dir: str | None = None  # None: voices live in memory only
+    voice_registry_size: int = 10_000
+    reference_cache_size: int = 256  # inline reference audio encoded once per content hash
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(name: str, ok: bool, rule: str) -> None:
+            if not ok:
+                raise EngineConfigError(f"{name}: {rule}, got {getattr(self, name)!r}")
+
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise EngineConfigError(f"{f.name}: must be a number, got {value!r}")
+            if f.type == "bool" and not isinstance(value, bool):
+                raise EngineConfigError(f"{f.name}: must be true or false, got {value!r}")
+        need("checkpoint_path", isinstance(self.checkpoint_path, str) and bool(self.checkpoint_path),
+             "must be a non-empty path")
+        need("device", isinstance(self.device, str) and self.device.split(":")[0] in ("cuda", "cpu", "mps"),
+             "must be cuda, cuda:<index>, cpu or mps")
+        need("precision", self.precision in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}")
+        need("compile_backend", self.compile_backend in COMPILE_BACKENDS,
+             f"must be one of {', '.join(COMPILE_BACKENDS)}")
+        need("vram_clear_threshold_gb", self.vram_clear_threshold_gb >= 0, "must be >= 0")
+        need("request_timeout_seconds", self.request_timeout_seconds > 0, "must be > 0")
+        need("max_text_length", self.max_text_length >= 1, "must be >= 1")
+        need("text_piece_chars", self.text_piece_chars >= 16, "must be >= 16")
+        need("max_new_tokens", self.max_new_tokens == 0 or self.max_new_tokens >= 2, "must be 0 or >= 2")
+        need("max_batch_size", 1 <= self.max_batch_size <= 1024, "must be between 1 and 1024")
+        need("max_seq_len", self.max_seq_len >= 0, "must be >= 0")
+        need("kv_cache_gb", self.kv_cache_gb >= 0, "must be >= 0")
+        need("max_queue_size", self.max_queue_size >= 0, "must be >= 0")
+        need("stream_chunk_frames", self.stream_chunk_frames >= 1, "must be >= 1")
+        need("default_temperature", 0 < self.default_temperature < 2, "must satisfy 0 < x < 2")
+        need("default_top_p", 0 < self.default_top_p <= 1, "must satisfy 0 < x <= 1")
+        need("default_repetition_penalty", 0 < self.default_repetition_penalty < 2, "must satisfy 0 < x < 2")
+        need("voice_registry_size", self.voice_registry_size >= 1, "must be >= 1")
+        need("reference_cache_size", self.reference_cache_size >= 0, "must be >= 0")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "EngineConfig":
+        """Defaults, then ``S1_MINI_*`` variables, then ``overrides`` (e.g. CLI flags)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            names = [ENV_PREFIX + f.name.upper()] + ([ENV_ALIASES[f.name]] if f.name in ENV_ALIASES else [])
+            for name in names:
+                if name in environ:
+                    values[f.name] = _parse(f, environ[name], name)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise EngineConfigError(f"unknown options {unknown}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _parse(f: dataclasses.Field, raw: str, name: str) -> Any:
+    kind = f.type.replace(" | None", "")
+    if f.type.endswith("| None") and raw.strip().lower() in ("", "none", "null"):
+        return None
+    try:
+        if kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        return raw
+    except ValueError:
+        raise EngineConfigError(f"{name}: must be a {kind}, got {raw!r}") from None
+
