@@ -3,12 +3,13 @@
 Written from ``spec/codec.md``; the reference (fish-speech 0.1.0) is only a test oracle.
 """
 
-from .audio import encode_reference_audio, load_audio
+from .audio import AudioError, encode_reference_audio, load_audio
 from .config import CodecConfig, CodecConfigError
 from .context import CodecStreamState
 from .model import Codec
 
 __all__ = [
+    "AudioError",
     "Codec",
     "CodecConfig",
     "CodecConfigError",

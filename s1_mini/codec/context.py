@@ -27,8 +27,9 @@ from torch import Tensor
 class CodecStreamState:
     """One incremental-decode stream: frames decoded so far and each layer's left context.
 
-    The context tensors keep a leading batch axis of 1. A fresh stream has no entries:
-    its context is zeros.
+    The context tensors keep a leading batch axis of 1 and are keyed by the layers of the
+    codec that created the state, so a state only works with that codec. A fresh stream
+    has no entries: its context is zeros.
     """
 
     frames: int = 0

@@ -85,13 +85,14 @@ class Decoder(nn.Module):
 class Codec(nn.Module):
     """Encode 44.1 kHz mono audio to codes ``[B, N, T]`` and decode them, offline or incrementally.
 
-    Conv and linear weights run in ``dtype``; Snake, norms, RoPE and the VQ stay float32.
+    Built in float32; :meth:`set_precision` moves the conv and linear weights to bf16 or
+    fp16, while Snake, norms, softmax, RoPE and the VQ stay float32 (spec §9).
     """
 
-    def __init__(self, config: CodecConfig, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, config: CodecConfig) -> None:
         super().__init__()
         self.config = config
-        self.dtype = dtype
+        self.dtype = torch.float32
         self.encoder = Encoder(config)
         self.quantizer = Quantizer(config.quantizer)
         self.decoder = Decoder(config)
