@@ -98,13 +98,13 @@ class ModelRunner:
         self.free_slots = list(range(max_batch_size))
         # Test hook: called at the start of every prefill and decode step (fault injection).
         self.fault_hook: Callable[[str], None] | None = None
+        self.step_fn = decode_frame  # the per-frame decode step; compile() may wrap it
         model.setup_caches(max_batch_size, max_seq_len)
 
-    def reset(self) -> None:
-        """Reallocate the caches (after an out-of-memory error) and free every slot."""
-        self.model.slow_caches, self.model.fast_caches = [], []
-        self.model.setup_caches(self.max_batch_size, self.max_seq_len)
-        self.free_slots = list(range(self.max_batch_size))
+    def compile(self, wrap: Callable[[Callable], Callable]) -> None:
+        """Wrap the decode step (e.g. with torch.compile). The prefill stays eager, as in
+        the reference: its length changes with every prompt."""
+        self.step_fn = wrap(decode_frame)
 
     def acquire(self, seq: SequenceState) -> None:
         self.free_slots.sort()
@@ -147,7 +147,7 @@ class ModelRunner:
                                        self.dtype, self.device)
         tokens = torch.stack([s.frames[-1] for s in seqs])[:, :, None]
         pos = torch.tensor([[s.prompt.shape[1] + s.steps] for s in seqs], device=self.device)
-        frames = decode_frame(self.model, tokens, pos, slot_tensor, sampling,
+        frames = self.step_fn(self.model, tokens, pos, slot_tensor, sampling,
                               slow_history=windows[:, :, 0], fast_history=windows[:, 1:, :])
         ends = (frames[:, 0] == self.im_end_id).tolist()
         for s, frame, end in zip(seqs, frames, ends):

@@ -1,0 +1,343 @@
+"""The scheduler: one thread that owns the model runner and the codec.
+
+Requests wait in a bounded queue. Between decode steps the scheduler admits waiting
+requests into free KV-cache slots (prefill), so new requests join the running batch at
+the next step (continuous batching), and retires finished, timed-out or cancelled ones.
+Audio is produced here too: incrementally for streams (the codec's per-stream state),
+in one batched decode for the others.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from s1_mini.codec import Codec, CodecStreamState
+from s1_mini.runner import ModelRunner, SequenceState
+from s1_mini.sampler import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class ErrorCode:
+    INVALID = "invalid_request"  # 400/422
+    NOT_FOUND = "not_found"  # 404
+    OVERLOADED = "overloaded"  # 503
+    TIMEOUT = "timeout"  # 504
+    CANCELLED = "cancelled"
+    OUT_OF_MEMORY = "out_of_memory"  # 503
+    NO_AUDIO = "no_audio"  # 500
+    STOPPED = "engine_stopped"  # 503
+    INTERNAL = "internal_error"  # 500
+
+
+class TTSError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Timings:
+    queued_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    codec_s: float = 0.0
+    total_s: float = 0.0
+    first_audio_s: float | None = None  # streams: submit -> first chunk
+    frames: int = 0
+    audio_seconds: float = 0.0
+
+    @property
+    def real_time_factor(self) -> float:
+        """Processing time per second of audio (below 1 is faster than real time)."""
+        return self.total_s / self.audio_seconds if self.audio_seconds else 0.0
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {**self.__dict__, "real_time_factor": self.real_time_factor}
+
+
+@dataclass
+class Request:
+    """A prepared request: one prompt per text piece, all generated into one audio."""
+
+    prompts: list[Tensor]
+    max_new_tokens: int
+    params: SamplingParams
+    generator: torch.Generator
+    deadline: float  # time.monotonic()
+    on_chunk: Callable[[np.ndarray], None] | None = None  # streaming: called from the scheduler thread
+    future: Future = field(default_factory=Future)
+    submitted_at: float = field(default_factory=time.monotonic)
+    timings: Timings = field(default_factory=Timings)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # progress, owned by the scheduler thread
+    piece: int = 0
+    seq: SequenceState | None = None
+    codes: list[Tensor] = field(default_factory=list)  # finished pieces' codes [N, n]
+    emitted: int = 0  # frames of the current piece already streamed
+    stream: CodecStreamState | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    @property
+    def streaming(self) -> bool:
+        return self.on_chunk is not None
+
+
+@dataclass
+class Result:
+    codes: np.ndarray  # [N, frames] int32
+    audio: np.ndarray | None  # float32 mono; None for streams (the chunks carried it)
+    timings: Timings
+
+
+class Scheduler:
+    def __init__(self, runner: ModelRunner, codec: Codec, max_queue_size: int, stream_chunk_frames: int,
+                 on_oom: Callable[[], None]) -> None:
+        self.runner = runner
+        self.codec = codec
+        self.max_queue_size = max_queue_size
+        self.stream_chunk_frames = stream_chunk_frames
+        self.on_oom = on_oom
+        self.frame_seconds = codec.config.frame_length / codec.config.sample_rate
+        self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        self._waiting: deque[Request] = deque()
+        self._active: list[Request] = []
+        self._pending = 0  # submitted, not yet admitted (inbox + waiting)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # -- public, any thread -------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="s1-mini-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Cancel every waiting and running request and join the thread."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, request: Request) -> None:
+        with self._lock:
+            if self._stopping or not self.alive:
+                raise TTSError(ErrorCode.STOPPED, "the engine is not running")
+            busy = len(self._active) >= self.runner.max_batch_size
+            if busy and self._pending >= self.max_queue_size:
+                raise TTSError(ErrorCode.OVERLOADED,
+                               f"overloaded: {self._pending} requests already waiting (max_queue_size)")
+            self._pending += 1
+        self._inbox.put(request)
+        self._wake.set()
+
+    def stats(self) -> dict[str, int]:
+        return {"queue_depth": self._pending, "active": len(self._active),
+                "streams": sum(r.streaming for r in self._active), "steps": self.steps}
+
+    # -- the scheduler thread -----------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                self._iteration()
+            except Exception:  # never let one bad step kill the thread
+                log.exception("scheduler iteration failed")
+                self._fail_all(ErrorCode.INTERNAL, "internal error during generation")
+        self._fail_all(ErrorCode.STOPPED, "the engine stopped before this request finished")
+        while True:
+            try:
+                self._finish(self._inbox.get_nowait(), TTSError(ErrorCode.STOPPED, "the engine stopped"))
+            except queue.Empty:
+                break
+
+    def _iteration(self) -> None:
+        while True:
+            try:
+                self._waiting.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        self._retire_expired()
+        self._admit()
+        if not self._active:
+            self._wake.wait(0.05)
+            self._wake.clear()
+            return
+        running = [r for r in self._active if r.seq is not None and not r.seq.finished]
+        if running:
+            start = time.perf_counter()
+            try:
+                self.runner.decode([r.seq for r in running])
+            except torch.cuda.OutOfMemoryError:
+                self._out_of_memory(running)
+                return
+            except Exception as exc:
+                log.exception("decode step failed")
+                for r in running:
+                    self._drop(r, TTSError(ErrorCode.INTERNAL, f"generation failed: {exc}"))
+                return
+            self.steps += 1
+            elapsed = time.perf_counter() - start
+            for r in running:
+                r.timings.decode_s += elapsed
+        self._advance()
+
+    def _retire_expired(self) -> None:
+        now = time.monotonic()
+        for r in list(self._waiting) + self._active:
+            if r.cancelled.is_set():
+                self._drop(r, TTSError(ErrorCode.CANCELLED, "the request was cancelled"))
+            elif now > r.deadline:
+                self._drop(r, TTSError(ErrorCode.TIMEOUT, "the request timed out (request_timeout_seconds)"))
+
+    def _admit(self) -> None:
+        while self._waiting and self.runner.free_slots:
+            r = self._waiting.popleft()
+            with self._lock:
+                self._pending -= 1
+            r.timings.queued_s = time.monotonic() - r.submitted_at
+            self._active.append(r)
+            self._start_piece(r)
+
+    def _start_piece(self, r: Request) -> None:
+        """Prefill the request's current text piece into a free slot."""
+        r.seq = SequenceState(r.prompts[r.piece], r.max_new_tokens, r.params, r.generator)
+        r.emitted = 0
+        self.runner.acquire(r.seq)
+        start = time.perf_counter()
+        try:
+            self.runner.prefill(r.seq)
+        except torch.cuda.OutOfMemoryError:
+            self._out_of_memory([r])
+            return
+        except Exception as exc:
+            log.exception("prefill failed")
+            self._drop(r, TTSError(ErrorCode.INTERNAL, f"prefill failed: {exc}"))
+            return
+        r.timings.prefill_s += time.perf_counter() - start
+
+    def _advance(self) -> None:
+        """Stream new audio, move finished pieces on, finish completed requests."""
+        streams = [r for r in self._active if r.streaming and r.seq is not None
+                   and (r.seq.committed - r.emitted >= (1 if r.timings.first_audio_s is None else self.stream_chunk_frames)
+                        or (r.seq.finished and r.seq.committed > r.emitted))]
+        if streams:
+            self._stream(streams)
+        done = []
+        for r in [r for r in self._active if r.seq is not None and r.seq.finished]:
+            r.codes.append(r.seq.codes().cpu())
+            self.runner.release(r.seq)
+            r.seq = None
+            r.piece += 1
+            if r.piece < len(r.prompts):
+                self._start_piece(r)  # the same slot is free again: continue without queueing
+            else:
+                done.append(r)
+        if done:
+            self._complete(done)
+
+    def _stream(self, requests: list[Request]) -> None:
+        for r in requests:
+            if r.stream is None:
+                r.stream = self.codec.new_stream()
+        chunks = [r.seq.codes(r.emitted) for r in requests]
+        start = time.perf_counter()
+        try:
+            audio = self.codec.decode_step([r.stream for r in requests], [c.to(self.codec.device) for c in chunks])
+        except torch.cuda.OutOfMemoryError:
+            self._out_of_memory(requests)
+            return
+        elapsed = time.perf_counter() - start
+        for r, chunk, samples in zip(requests, chunks, audio):
+            r.emitted += chunk.shape[1]
+            r.timings.codec_s += elapsed
+            if r.timings.first_audio_s is None:
+                r.timings.first_audio_s = time.monotonic() - r.submitted_at
+            try:
+                r.on_chunk(samples.cpu().numpy())
+            except Exception as exc:  # a consumer that went away
+                self._drop(r, TTSError(ErrorCode.CANCELLED, f"the stream consumer failed: {exc}"))
+
+    def _complete(self, requests: list[Request]) -> None:
+        codes = [torch.cat(r.codes, dim=1) for r in requests]
+        audio: list[Tensor | None] = [None] * len(requests)
+        offline = [i for i, r in enumerate(requests) if not r.streaming and codes[i].shape[1] > 0]
+        if offline:
+            start = time.perf_counter()
+            try:
+                decoded = self.codec.decode_batch([codes[i].to(self.codec.device) for i in offline])
+            except torch.cuda.OutOfMemoryError:
+                self._out_of_memory(requests)
+                return
+            elapsed = time.perf_counter() - start
+            for i, a in zip(offline, decoded):
+                audio[i] = a
+                requests[i].timings.codec_s += elapsed
+        for r, c, a in zip(requests, codes, audio):
+            if c.shape[1] == 0:
+                self._drop(r, TTSError(ErrorCode.NO_AUDIO, "the model produced no audio frames for this text"))
+                continue
+            r.timings.frames = c.shape[1]
+            r.timings.audio_seconds = c.shape[1] * self.frame_seconds
+            self._active.remove(r)
+            self._finish(r, Result(c.numpy(), None if a is None else a.float().cpu().numpy(), r.timings))
+
+    def _drop(self, r: Request, error: TTSError) -> None:
+        """End a request with an error wherever it is (waiting or running)."""
+        if r.seq is not None:
+            self.runner.release(r.seq)
+            r.seq = None
+        if r in self._active:
+            self._active.remove(r)
+        elif r in self._waiting:
+            self._waiting.remove(r)
+            with self._lock:
+                self._pending -= 1
+        self._finish(r, error)
+
+    def _finish(self, r: Request, outcome: Result | TTSError) -> None:
+        r.timings.total_s = time.monotonic() - r.submitted_at
+        if r.future.done():
+            return
+        if isinstance(outcome, TTSError):
+            r.future.set_exception(outcome)
+        else:
+            r.future.set_result(outcome)
+
+    def _out_of_memory(self, affected: list[Request]) -> None:
+        """Fail the requests of the step that ran out of memory and free memory.
+
+        The other requests go on: a failed step appended no frame, so the next step
+        rewrites the same cache positions."""
+        log.warning("CUDA out of memory: failing %d request(s) and freeing memory", len(affected))
+        for r in list(affected):
+            self._drop(r, TTSError(ErrorCode.OUT_OF_MEMORY, "the GPU ran out of memory; retry the request"))
+        gc.collect()
+        self.on_oom()
+
+    def _fail_all(self, code: str, message: str) -> None:
+        for r in list(self._active) + list(self._waiting):
+            self._drop(r, TTSError(code, message))

@@ -1,0 +1,286 @@
+"""ProductionTTSEngine on the tiny random checkpoint, on the CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from s1_mini import EngineConfig, ProductionTTSEngine
+from s1_mini.config import EngineConfigError
+from s1_mini.scheduler import ErrorCode
+from s1_mini.testing.make_checkpoint import make_checkpoint
+
+TEXTS = [f"Request number {i}: the quick brown fox {i}." for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("engine") / "ckpt", "tiny", seed=0)
+
+
+def _config(checkpoint: Path, **kw) -> EngineConfig:
+    base = dict(checkpoint_path=str(checkpoint), device="cpu", precision="float32", max_new_tokens=24,
+                max_batch_size=8)
+    return EngineConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    with ProductionTTSEngine(_config(checkpoint)) as e:
+        yield e
+
+
+def _sine_wav(seconds: float = 0.05, rate: int = 22050) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    buf = io.BytesIO()
+    sf.write(buf, 0.4 * np.sin(2 * np.pi * 220 * t), rate, format="WAV")
+    return buf.getvalue()
+
+
+def _assert_audio(response, engine):
+    assert response.success, response.error
+    rate, audio = response.audio
+    assert rate == 44100 and audio.dtype == np.float32
+    frame = engine.model_manager.codec.config.frame_length
+    assert audio.shape == (response.codes.shape[1] * frame,)
+    assert np.isfinite(audio).all() and np.abs(audio).max() < 1
+    assert response.timings.frames == response.codes.shape[1] > 0
+
+
+# ---------------------------------------------------------------- the seed README
+
+
+def test_readme_examples_run_as_written(checkpoint, tmp_path):
+    # "Python API" (only the checkpoint path adapted; there is no GPU here, so the
+    # engine falls back to the CPU and to eager execution)
+    config = EngineConfig(
+        checkpoint_path=str(checkpoint),
+        device="cuda",
+        precision="float16",
+        compile_model=True,  # Uses Triton on Linux, eager on Windows
+    )
+    engine = ProductionTTSEngine(config)
+    engine.start()
+    response = engine.generate(
+        text="Hello, this is a test of the text to speech system.",
+        temperature=0.7,
+        top_p=0.8,
+    )
+    if response.success:
+        sample_rate, audio = response.audio
+        sf.write(tmp_path / "output.wav", audio, sample_rate)
+    engine.stop()
+    assert response.success, response.error
+    assert sf.info(tmp_path / "output.wav").samplerate == 44100
+
+    # "Context Manager"
+    config = EngineConfig(checkpoint_path=str(checkpoint))
+    with ProductionTTSEngine(config) as engine:
+        response = engine.generate("Hello world!")
+        assert response.success, response.error
+        health = engine.health_check()
+    assert health["healthy"] and health["models_loaded"] and health["device"] == "cpu"
+    assert set(health["vram"]) == {"used_gb", "total_gb"}
+
+
+# ---------------------------------------------------------------- concurrency
+
+
+def test_concurrent_threads_and_asyncio_equal_sequential(engine):
+    sequential = [engine.generate(t, seed=i) for i, t in enumerate(TEXTS)]
+    for r in sequential:
+        _assert_audio(r, engine)
+
+    results: list = [None] * len(TEXTS)
+
+    def call(i: int) -> None:
+        results[i] = engine.generate(TEXTS[i], seed=i)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(TEXTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    async def many():
+        return await asyncio.gather(*(engine.agenerate(t, seed=i) for i, t in enumerate(TEXTS)))
+
+    async_results = asyncio.run(many())
+    for seq, thr, asy in zip(sequential, results, async_results):
+        _assert_audio(thr, engine)
+        _assert_audio(asy, engine)
+        np.testing.assert_array_equal(seq.codes, thr.codes)
+        np.testing.assert_array_equal(seq.codes, asy.codes)
+    assert engine.health_check()["steps"] > 0
+
+
+def test_streaming_chunks_equal_offline_audio(engine):
+    whole = engine.generate(TEXTS[3], seed=3)
+    chunks = list(engine.generate_stream(TEXTS[3], seed=3))
+    assert len(chunks) >= 2
+    frame = engine.model_manager.codec.config.frame_length
+    assert all(len(c) % frame == 0 and len(c) > 0 for c in chunks)
+    np.testing.assert_allclose(np.concatenate(chunks), whole.audio[1], atol=1e-5)
+
+    async def collect():
+        return [c async for c in engine.agenerate_stream(TEXTS[3], seed=3)]
+
+    np.testing.assert_allclose(np.concatenate(asyncio.run(collect())), whole.audio[1], atol=1e-5)
+
+
+def test_long_text_is_generated_in_pieces(checkpoint):
+    with ProductionTTSEngine(_config(checkpoint, text_piece_chars=40, max_new_tokens=8)) as engine:
+        text = "First sentence is here. Second one follows! 第三句话在这里。 And the last?"
+        whole = engine.generate(text, seed=5)
+        _assert_audio(whole, engine)
+        streamed = np.concatenate(list(engine.generate_stream(text, seed=5)))
+        np.testing.assert_allclose(streamed, whole.audio[1], atol=1e-5)
+        # several pieces: more frames than one piece can hold
+        assert whole.codes.shape[1] > 7
+
+
+# ---------------------------------------------------------------- bad input and faults
+
+
+@pytest.mark.parametrize("kwargs, code, message", [
+    (dict(temperature=-0.5), ErrorCode.INVALID, "temperature: must satisfy 0 < temperature < 2"),
+    (dict(top_p=1.5), ErrorCode.INVALID, "top_p: must satisfy 0 < top_p <= 1"),
+    (dict(top_p=0), ErrorCode.INVALID, "top_p: must satisfy 0 < top_p <= 1"),
+    (dict(text=""), ErrorCode.INVALID, "text: must be a non-empty string"),
+    (dict(text="   "), ErrorCode.INVALID, "text: must be a non-empty string"),
+    (dict(text=None), ErrorCode.INVALID, "text: must be a non-empty string"),
+    (dict(max_new_tokens=1), ErrorCode.INVALID, "max_new_tokens"),
+    (dict(seed="x"), ErrorCode.INVALID, "seed: must be an integer"),
+    (dict(reference_id="nobody"), ErrorCode.NOT_FOUND, "nobody"),
+    (dict(reference_id="../etc/passwd"), ErrorCode.INVALID, "voice_id"),
+    (dict(reference_id="a/b"), ErrorCode.INVALID, "voice_id"),
+    (dict(reference_audio=b"this is not audio at all", reference_text="hi"), ErrorCode.INVALID, "audio"),
+    (dict(reference_audio=_sine_wav()), ErrorCode.INVALID, "reference_text: required"),
+])
+def test_bad_input_is_a_clear_error_and_the_next_request_works(engine, kwargs, code, message):
+    args = {"text": "Hello there.", **kwargs}
+    response = engine.generate(args.pop("text"), **args)
+    assert not response.success and response.audio is None
+    assert response.error_code == code, response.error
+    assert message in response.error
+    _assert_audio(engine.generate("The next request.", seed=1), engine)
+
+
+def test_timeout_frees_the_slot(engine):
+    response = engine.generate("This one will not make it in time.", timeout=1e-4, max_new_tokens=200)
+    assert response.error_code == ErrorCode.TIMEOUT
+    assert "timed out" in response.error
+    deadline = time.time() + 5
+    while engine.health_check()["active"] and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.health_check()["active"] == 0
+    _assert_audio(engine.generate("After the timeout.", seed=2), engine)
+
+
+def test_cancellation_by_the_caller(engine):
+    async def cancel_one():
+        task = asyncio.create_task(engine.agenerate("Cancel me please, I am long.", max_new_tokens=200, seed=1))
+        await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_one())
+    stream = engine.generate_stream("A stream the client leaves early.", max_new_tokens=200, seed=1)
+    next(stream)
+    stream.close()
+    deadline = time.time() + 5
+    while engine.health_check()["active"] and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.health_check()["active"] == 0
+    _assert_audio(engine.generate("After the cancellations.", seed=3), engine)
+
+
+def test_simulated_out_of_memory_is_recovered(engine):
+    runner = engine._runner
+    fired = []
+
+    def oom_once(stage: str) -> None:
+        if stage == "decode" and not fired:
+            fired.append(stage)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    runner.fault_hook = oom_once
+    try:
+        response = engine.generate("This request hits the out-of-memory error.", seed=4)
+    finally:
+        runner.fault_hook = None
+    assert fired and response.error_code == ErrorCode.OUT_OF_MEMORY
+    _assert_audio(engine.generate("And this one works.", seed=4), engine)
+
+
+def test_overload_is_refused_at_once(checkpoint):
+    with ProductionTTSEngine(_config(checkpoint, max_batch_size=1, max_queue_size=0, max_new_tokens=200)) as engine:
+        first = engine.submit("A long request that holds the only slot.", seed=1)
+        time.sleep(0.05)
+        refused = engine.generate("Refused.", seed=2)
+        assert refused.error_code == ErrorCode.OVERLOADED and "max_queue_size" in refused.error
+        first.future.result(timeout=60)
+
+
+def test_generate_after_stop_is_an_error(checkpoint):
+    engine = ProductionTTSEngine(_config(checkpoint, warmup=False))
+    engine.start()
+    engine.stop()
+    response = engine.generate("Hello")
+    assert response.error_code == ErrorCode.STOPPED
+    assert not engine.health_check()["healthy"]
+
+
+# ---------------------------------------------------------------- voices
+
+
+def test_voice_survives_a_restart_and_gives_the_same_codes(checkpoint, tmp_path):
+    config = _config(checkpoint, voice_registry_dir=str(tmp_path / "voices"))
+    with ProductionTTSEngine(config) as engine:
+        voice = engine.register_voice("narrator_1", _sine_wav(), "A short reference.")
+        first = engine.generate("Speak with the voice.", reference_id="narrator_1", seed=9)
+        _assert_audio(first, engine)
+        inline = engine.generate("Speak with the voice.", reference_audio=_sine_wav(),
+                                 reference_text="A short reference.", seed=9)
+        np.testing.assert_array_equal(inline.codes, first.codes)
+    with ProductionTTSEngine(config) as engine:
+        assert engine.voices.get("narrator_1").codes.shape == voice.codes.shape
+        again = engine.generate("Speak with the voice.", reference_id="narrator_1", seed=9)
+        np.testing.assert_array_equal(again.codes, first.codes)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_from_env_and_rules(checkpoint):
+    env = {"S1_MINI_CHECKPOINT_PATH": str(checkpoint), "S1_MINI_DEVICE": "cpu", "S1_MINI_PRECISION": "float32",
+           "S1_MINI_COMPILE": "false", "S1_MINI_REQUEST_TIMEOUT": "12.5", "S1_MINI_MAX_BATCH_SIZE": "3",
+           "S1_MINI_VOICE_REGISTRY_DIR": "none"}
+    c = EngineConfig.from_env(env)
+    assert (c.device, c.compile_model, c.request_timeout_seconds, c.max_batch_size, c.voice_registry_dir) == (
+        "cpu", False, 12.5, 3, None)
+    assert EngineConfig.from_env(env, max_batch_size=5).max_batch_size == 5
+    with pytest.raises(EngineConfigError, match="S1_MINI_MAX_BATCH_SIZE: must be a int"):
+        EngineConfig.from_env({"S1_MINI_MAX_BATCH_SIZE": "many"})
+    with pytest.raises(EngineConfigError, match="precision: must be one of float16, bfloat16, float32"):
+        EngineConfig(precision="int8")
+    with pytest.raises(EngineConfigError, match="default_top_p: must satisfy 0 < x <= 1"):
+        EngineConfig(default_top_p=1.5)
+    with pytest.raises(EngineConfigError, match="compile_backend: must be one of auto, inductor, eager, disabled"):
+        EngineConfig(compile_backend="tvm")
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    from s1_mini.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="checkpoint directory not found"):
+        ProductionTTSEngine(EngineConfig(checkpoint_path=str(tmp_path / "nope"), device="cpu")).start()
