@@ -1,5 +1,5 @@
 # Two commands set everything up on a fresh machine (see README.md):
-#   make demo   random checkpoint -> synthesized WAV (random weights: the audio is noise)
+#   make demo   random checkpoint -> out/demo/speech.wav (random weights: the audio is noise)
 #   make test   the whole test suite, parity against the reference included
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,8 +14,11 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 .PHONY: install demo test
 install: $(VENV)/.installed
 
+DEMO_CHECKPOINT := out/demo/checkpoint
 demo: install
-	$(PY) -m s1_mini.demo --out out/demo
+	@test -f $(DEMO_CHECKPOINT)/codec.pth || $(PY) -m s1_mini.testing.make_checkpoint --preset tiny --seed 0 --out $(DEMO_CHECKPOINT)
+	$(PY) -m s1_mini.synthesize --checkpoint $(DEMO_CHECKPOINT) --device cpu --precision float32 --seed 0 \
+		--text "Hello from S1-mini! This checkpoint has random weights." --out out/demo/speech.wav
 
 # pytest exits 5 when it collects no tests; that is not a failure of the product.
 test: install

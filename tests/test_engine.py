@@ -284,3 +284,37 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
     with pytest.raises(CheckpointError, match="checkpoint directory not found"):
         ProductionTTSEngine(EngineConfig(checkpoint_path=str(tmp_path / "nope"), device="cpu")).start()
+
+
+# ---------------------------------------------------------------- synthesize CLI
+
+
+def _synthesize(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "s1_mini.synthesize", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_synthesize_cli_writes_a_wav_and_says_random_weights(checkpoint, tmp_path):
+    ref = tmp_path / "voice.wav"
+    ref.write_bytes(_sine_wav())
+    out = tmp_path / "speech.wav"
+    proc = _synthesize("--checkpoint", checkpoint, "--text", "Hello there.", "--out", out, "--device", "cpu",
+                       "--precision", "float32", "--max-new-tokens", 16, "--seed", 1,
+                       "--reference-audio", ref, "--reference-text", "A reference.")
+    assert proc.returncode == 0, proc.stderr
+    assert "RANDOM weights" in proc.stderr
+    audio, rate = sf.read(out)
+    assert rate == 44100 and len(audio) > 0 and len(audio) % 64 == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "5"], "temperature: must satisfy"),
+    (["--reference-audio", "/nonexistent.wav", "--reference-text", "x"], "--reference-audio: cannot read"),
+    (["--precision", "float32", "--max-new-tokens", "1"], "max_new_tokens: must be 0 or >= 2"),
+])
+def test_synthesize_cli_bad_input(checkpoint, tmp_path, args, message):
+    proc = _synthesize("--checkpoint", checkpoint, "--text", "Hi", "--out", tmp_path / "x.wav", "--device", "cpu", *args)
+    assert proc.returncode in (1, 2) and message in proc.stderr and "Traceback" not in proc.stderr

@@ -57,6 +57,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # tokens that BPE never produces, there to put the specials where the real ones are.
 S1_MINI_RANKS = 151_643
 TINY_RANKS = 320
+# Written beside the weights so that tools can say plainly that the audio is noise.
+RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS.txt"
 
 SAMPLE_TEXT = (
     "Hello, world! This is a test of the speech system. It's 12:30 -- are you ready?!\n"
@@ -152,6 +154,9 @@ def make_checkpoint(out: Path, preset: str, seed: int, overrides: dict[str, Any]
     (out / "config.json").write_text(json.dumps(raw, indent=2))
     s0 = n_ranks + len(BASE_SPECIAL_TOKENS)
     torch.save(random_weights(config, s0, s0 + config.codebook_size - 1, seed), out / "model.pth")
+    (out / RANDOM_WEIGHTS_MARKER).write_text(
+        f"Random weights (preset {preset}, seed {seed}), written by s1_mini.testing.make_checkpoint: "
+        "generated audio is noise, not speech.\n")
     if codec:
         from s1_mini.testing.codec_checkpoint import write_codec_checkpoint
 
