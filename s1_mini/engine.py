@@ -192,7 +192,7 @@ class ProductionTTSEngine:
     def _prepare(self, text: Any, temperature: float | None, top_p: float | None,
                  repetition_penalty: float | None, max_new_tokens: int | None, seed: int | None,
                  reference_id: str | None, reference_audio: Any, reference_text: str | None,
-                 timeout: float | None, on_chunk: Any = None) -> Request:
+                 timeout: float | None, references: Any = None, on_chunk: Any = None) -> Request:
         """Validate a request and build its prompts (caller's thread); raise TTSError."""
         c, mm = self.config, self.model_manager
         if self._scheduler is None or mm.model is None:
@@ -214,7 +214,7 @@ class ProductionTTSEngine:
             params.validate()
             if isinstance(n, bool) or not isinstance(n, int):
                 raise ValueError(f"max_new_tokens: must be an integer, got {n!r}")
-            references = self._references(reference_id, reference_audio, reference_text)
+            references = self._references(reference_id, reference_audio, reference_text, references)
             model = mm.model
             prompts = [build_prompt(mm.tokenizer, piece, references, model.config.num_codebooks,
                                     model.config.codebook_size) for piece in split_text(text, c.text_piece_chars)]
@@ -228,23 +228,37 @@ class ProductionTTSEngine:
         deadline = time.monotonic() + (c.request_timeout_seconds if timeout is None else timeout)
         return Request(prompts, n, params, generator, deadline, on_chunk)
 
-    def _references(self, reference_id: str | None, reference_audio: Any, reference_text: str | None) -> list[Reference]:
+    def _references(self, reference_id: str | None, reference_audio: Any, reference_text: str | None,
+                    references: Any = None) -> list[Reference]:
+        """A registered voice, or inline references: one (``reference_audio`` +
+        ``reference_text``) or several (``references``: (audio, text) pairs, each one
+        turn of the prompt, in order)."""
+        given = [name for name, value in (("reference_id", reference_id), ("reference_audio", reference_audio),
+                                          ("references", references)) if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"{given[0]}: give only one of reference_id, reference_audio, references")
         if reference_id is not None:
-            if reference_audio is not None:
-                raise ValueError("reference_id: give either reference_id or reference_audio, not both")
             return [self.voices.get(reference_id).reference()]
         if reference_audio is not None:
-            if not isinstance(reference_text, str) or not reference_text.strip():
-                raise ValueError("reference_text: required (the transcript of reference_audio)")
-            try:
-                return [self.voices.encode_inline(reference_audio, reference_text)]
-            except InvalidReferenceAudio:
-                raise
-            except (TypeError, ValueError) as exc:
-                raise InvalidReferenceAudio(f"reference_audio: {exc}") from None
-        if reference_text is not None:
+            references = [(reference_audio, reference_text)]
+        elif reference_text is not None:
             raise ValueError("reference_text: only meaningful with reference_audio")
-        return []
+        out = []
+        for i, item in enumerate(references or []):
+            field = "reference_audio" if reference_audio is not None else f"references[{i}]"
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise ValueError(f"{field}: must be an (audio, text) pair")
+            audio, text = item
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{'reference_text' if reference_audio is not None else field + '.text'}: "
+                                 "required (the transcript of the reference audio)")
+            try:
+                out.append(self.voices.encode_inline(audio, text))
+            except InvalidReferenceAudio as exc:
+                raise InvalidReferenceAudio(f"{field}: {exc}") from None
+            except (TypeError, ValueError) as exc:
+                raise InvalidReferenceAudio(f"{field}: {exc}") from None
+        return out
 
     def _response(self, outcome: Result | BaseException, request: Request | None) -> TTSResponse:
         timings = request.timings if request is not None else Timings()
@@ -265,13 +279,15 @@ class ProductionTTSEngine:
     def generate(self, text: str, *, temperature: float | None = None, top_p: float | None = None,
                  repetition_penalty: float | None = None, max_new_tokens: int | None = None,
                  seed: int | None = None, reference_id: str | None = None, reference_audio: Any = None,
-                 reference_text: str | None = None, timeout: float | None = None) -> TTSResponse:
+                 reference_text: str | None = None, references: Any = None,
+                 timeout: float | None = None) -> TTSResponse:
         """Synthesize ``text``; never raises for bad input (see ``response.error``)."""
         request = None
         try:
             request = self.submit(text, temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
                                   max_new_tokens=max_new_tokens, seed=seed, reference_id=reference_id,
-                                  reference_audio=reference_audio, reference_text=reference_text, timeout=timeout)
+                                  reference_audio=reference_audio, reference_text=reference_text,
+                                  references=references, timeout=timeout)
             # The scheduler enforces the deadline; the margin only guards against a stuck thread.
             outcome = request.future.result(timeout=request.deadline - time.monotonic() + 30)
         except BaseException as exc:  # noqa: BLE001 -- every failure becomes a response
@@ -353,7 +369,7 @@ class ProductionTTSEngine:
 
 def _request_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     names = ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "seed", "reference_id",
-             "reference_audio", "reference_text", "timeout")
+             "reference_audio", "reference_text", "references", "timeout")
     unknown = sorted(set(kwargs) - set(names))
     if unknown:
         raise TTSError(ErrorCode.INVALID, f"unknown request fields {unknown}")

@@ -164,6 +164,10 @@ def test_long_text_is_generated_in_pieces(checkpoint):
     (dict(reference_id="a/b"), ErrorCode.INVALID, "voice_id"),
     (dict(reference_audio=b"this is not audio at all", reference_text="hi"), ErrorCode.INVALID, "audio"),
     (dict(reference_audio=_sine_wav()), ErrorCode.INVALID, "reference_text: required"),
+    (dict(references=[(_sine_wav(), "")]), ErrorCode.INVALID, "references[0].text: required"),
+    (dict(references=[(b"junk", "hi")]), ErrorCode.INVALID, "references[0]: "),
+    (dict(references=["x"]), ErrorCode.INVALID, "references[0]: must be an (audio, text) pair"),
+    (dict(reference_id="narrator", references=[(_sine_wav(), "hi")]), ErrorCode.INVALID, "give only one of"),
 ])
 def test_bad_input_is_a_clear_error_and_the_next_request_works(engine, kwargs, code, message):
     args = {"text": "Hello there.", **kwargs}
@@ -252,6 +256,9 @@ def test_voice_survives_a_restart_and_gives_the_same_codes(checkpoint, tmp_path)
         inline = engine.generate("Speak with the voice.", reference_audio=_sine_wav(),
                                  reference_text="A short reference.", seed=9)
         np.testing.assert_array_equal(inline.codes, first.codes)
+        two = engine.generate("Two references.", references=[(_sine_wav(), "First."), (_sine_wav(0.03), "Second.")],
+                              seed=9)
+        _assert_audio(two, engine)
     with ProductionTTSEngine(config) as engine:
         assert engine.voices.get("narrator_1").codes.shape == voice.codes.shape
         again = engine.generate("Speak with the voice.", reference_id="narrator_1", seed=9)
