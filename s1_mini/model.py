@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from s1_mini.checkpoint import CheckpointError, check_keys_and_shapes, read_state_dict
+from s1_mini.rope import apply_rope, rope_table
 
 log = logging.getLogger(__name__)
 
@@ -153,24 +154,6 @@ class ModelConfig:
 
 
 # ----------------------------------------------------------------------- numerics
-
-
-def rope_table(length: int, head_dim: int, base: float) -> Tensor:
-    """cos/sin table ``[length, head_dim/2, 2]``, computed in float32 and rounded to
-    bfloat16, as the reference stores it in every precision (§4.3)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1).to(torch.bfloat16)
-
-
-def apply_rope(x: Tensor, table: Tensor) -> Tensor:
-    """Rotate adjacent pairs (x[2k], x[2k+1]) of ``x [B, T, H, d]`` by ``table
-    [B, T, d/2, 2]`` in float32; the result has the input dtype (§4.4)."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    cos, sin = table.float().unsqueeze(2).unbind(-1)
-    a, b = pairs.unbind(-1)
-    out = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1)
-    return out.flatten(-2).type_as(x)
 
 
 class RMSNorm(nn.Module):

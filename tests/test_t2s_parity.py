@@ -244,3 +244,17 @@ def test_cli_codes_equal_reference_seeded_codes(parity, tmp_path):
          "--precision", "float32", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     np.testing.assert_array_equal(np.load(out), ref[f"{case['name']}_seed{SEEDS[0]}"])
+
+
+def test_full_size_rope_tables_exact(tmp_path):
+    """S1-mini's slow table (8192 x 128, base 1e6) and fast table, against the reference's builder."""
+    if not REF_PYTHON.exists():
+        pytest.skip("reference environment missing: run `bash tests/parity/build_reference_env.sh`")
+    from s1_mini.rope import rope_table
+
+    code = ("import sys, numpy as np; from fish_speech.models.text2semantic.llama import precompute_freqs_cis as f; "
+            "np.savez(sys.argv[1], slow=f(8192, 128, 1e6).float().numpy(), fast=f(10, 128, 1e6).float().numpy())")
+    subprocess.run([str(REF_PYTHON), "-c", code, str(tmp_path / "rope.npz")], check=True, capture_output=True)
+    ref = np.load(tmp_path / "rope.npz")
+    np.testing.assert_array_equal(rope_table(8192, 128, 1e6).float().numpy(), ref["slow"])
+    np.testing.assert_array_equal(rope_table(10, 128, 1e6).float().numpy(), ref["fast"])

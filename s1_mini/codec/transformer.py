@@ -17,28 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from s1_mini.rope import apply_rope, rope_table
+
 from .config import TransformerArgs
 from .context import LeftContext
-
-
-def rope_table(length: int, head_dim: int, base: float, device: torch.device | str = "cpu") -> Tensor:
-    """``[length, head_dim/2, 2]`` (cos, sin), rounded to bf16 and kept as float32.
-
-    The angles are computed in float32 and turned into cos/sin by ``torch.polar`` like
-    the reference; ``torch.cos``/``torch.sin`` round a few entries differently once in bf16.
-    """
-    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
-    angles = torch.outer(torch.arange(length, device=device), freqs)
-    rotation = torch.polar(torch.ones_like(angles), angles)
-    return torch.stack([rotation.real, rotation.imag], -1).to(torch.bfloat16).float()
-
-
-def apply_rope(x: Tensor, table: Tensor) -> Tensor:
-    """Rotate adjacent pairs of ``x [B, N, H, D]`` by ``table [B, N, D/2, 2]``, in float32."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    cos, sin = table[:, :, None, :, 0], table[:, :, None, :, 1]
-    a, b = pairs[..., 0], pairs[..., 1]
-    return torch.stack([a * cos - b * sin, b * cos + a * sin], -1).flatten(-2).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
