@@ -80,9 +80,11 @@ async def tts(request: Request) -> Response:
     """The whole audio file in ``format``. With ``streaming: true`` (fish-speech
     clients) the body is headerless 16-bit little-endian mono PCM, sent as it is
     generated, the way fish-speech's client reads it."""
-    data, _ = await read_body(request)
-    body = parse(TTSRequest, data)
-    synth, job = synth_of(request), tts_job(body)
+    synth = synth_of(request)
+    with synth.counting_rejects():
+        data, _ = await read_body(request)
+        body = parse(TTSRequest, data)
+    job = tts_job(body)
     if body.streaming:
         return await synth.stream(request, job, KNOWN["pcm"], _headers(job, "pcm"), with_header=False)
     fmt = KNOWN[body.format]
@@ -97,14 +99,16 @@ async def tts_stream(request: Request) -> Response:
     """Chunked audio, first bytes as soon as the first frames are decoded. ``wav``: a
     44-byte header with sizes 0xFFFFFFFF, then 16-bit PCM; ``pcm``: raw s16le (see the
     ``X-Sample-Rate`` and ``X-Audio-Format`` headers). Disconnecting cancels generation."""
-    data, _ = await read_body(request)
-    body = parse(TTSRequest, data)
-    try:
-        fmt = check_format(body.format, "format", streaming=True)
-    except UnsupportedFormat as exc:
-        raise APIError(422, "invalid_request", str(exc), "format") from None
+    synth = synth_of(request)
+    with synth.counting_rejects():
+        data, _ = await read_body(request)
+        body = parse(TTSRequest, data)
+        try:
+            fmt = check_format(body.format, "format", streaming=True)
+        except UnsupportedFormat as exc:
+            raise APIError(422, "invalid_request", str(exc), "format") from None
     job = tts_job(body)
-    return await synth_of(request).stream(request, job, fmt, _headers(job, fmt.name))
+    return await synth.stream(request, job, fmt, _headers(job, fmt.name))
 
 
 @router.post("/v1/audio/speech", openapi_extra=body_spec("SpeechRequest", msgpack=False),
@@ -115,20 +119,21 @@ async def speech(request: Request) -> Response:
     s16le like OpenAI's and always streams; ``wav`` streams with
     ``stream_format: "audio"``; ``stream_format: "sse"`` sends base64 PCM events.
     Other formats come whole. ``speed`` must be 1.0."""
-    data, _ = await read_body(request)
-    body = parse(SpeechRequest, data)
+    synth = synth_of(request)
+    with synth.counting_rejects():
+        data, _ = await read_body(request)
+        body = parse(SpeechRequest, data)
+        if body.stream_format == "sse" and body.response_format not in STREAMABLE:
+            raise APIError(422, "invalid_request", "stream_format: 'sse' needs response_format pcm or wav, "
+                           f"got {body.response_format!r}", "stream_format")
     job = Job(body.input, sampling(body), fields={"voice_id": "voice", "text": "input"})
     if body.voice.lower() not in DEFAULT_VOICES or body.voice in _registered(request):
         job.reference_id = body.voice
     if body.instructions:
         job.warnings.append("instructions: ignored (the model takes no instructions)")
-    synth = synth_of(request)
     name = body.response_format
     headers = _headers(job, name)
     if body.stream_format == "sse":
-        if name not in STREAMABLE:
-            raise APIError(422, "invalid_request", f"stream_format: 'sse' needs response_format pcm or wav, "
-                           f"got {name!r}", "stream_format")
         return await synth.stream(request, job, KNOWN["pcm"], headers, out_rate=OPENAI_PCM_RATE, sse=True)
     if name == "pcm":
         return await synth.stream(request, job, KNOWN["pcm"], headers, out_rate=OPENAI_PCM_RATE)

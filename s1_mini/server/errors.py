@@ -118,6 +118,8 @@ def _describe(error: dict[str, Any], allowed: list[str] | None = None) -> tuple[
         if "input" in error and "got " not in message and kind not in ("json_invalid",):
             shown = repr(error["input"])
             message += f", got {shown if len(shown) <= 80 else shown[:80] + '…'}"
+    if field is None:
+        field = field_of(message)  # model-level rules name their field in the message
     if field and not message.startswith(field + ":"):
         message = f"{field}: {message}"
     return field, message

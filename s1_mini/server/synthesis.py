@@ -8,7 +8,8 @@ import base64
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +72,16 @@ class Synthesizer:
         self.open_streams = 0
 
     # ------------------------------------------------------------------ checks
+
+    @contextmanager
+    def counting_rejects(self) -> Iterator[None]:
+        """Count a request refused while reading its body as a failed synthesis request."""
+        try:
+            yield
+        except APIError as exc:
+            self.metrics.requests.inc()
+            self.metrics.observe_error(0.0, exc.code)
+            raise
 
     def require_ready(self) -> None:
         if not getattr(self.engine, "ready", False):
