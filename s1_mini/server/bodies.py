@@ -36,7 +36,11 @@ async def read_body(request: Request, forms: bool = False) -> tuple[dict[str, An
         return await read_form(request), "form"
     if kind and kind not in JSON_TYPES + MSGPACK_TYPES and not kind.endswith("+json"):
         raise _unsupported(kind, accepted)
-    raw = await request.body()
+    return decode_mapping(await request.body(), kind)
+
+
+def decode_mapping(raw: bytes, kind: str) -> tuple[dict[str, Any], str]:
+    """A JSON or msgpack body (by media type ``kind``) as a mapping, and its encoding."""
     if not raw:
         raise APIError(400, "invalid_request", "body: must not be empty", "body")
     if kind in MSGPACK_TYPES:
