@@ -123,6 +123,7 @@ class Scheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.peak_batch = 0  # most sequences decoded together in one step since start
 
     # -- public, any thread -------------------------------------------------------
 
@@ -156,7 +157,9 @@ class Scheduler:
 
     def stats(self) -> dict[str, int]:
         return {"queue_depth": self._pending, "active": len(self._active),
-                "streams": sum(r.streaming for r in self._active), "steps": self.steps}
+                "streams": sum(r.streaming for r in self._active), "steps": self.steps,
+                "peak_batch": self.peak_batch, "kv_slots_used": self.runner.max_batch_size - len(self.runner.free_slots),
+                "kv_slots_total": self.runner.max_batch_size}
 
     # -- the scheduler thread -----------------------------------------------------
 
@@ -200,6 +203,7 @@ class Scheduler:
                     self._drop(r, TTSError(ErrorCode.INTERNAL, f"generation failed: {exc}"))
                 return
             self.steps += 1
+            self.peak_batch = max(self.peak_batch, len(running))
             elapsed = time.perf_counter() - start
             for r in running:
                 r.timings.decode_s += elapsed

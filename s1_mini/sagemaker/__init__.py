@@ -1,0 +1,1 @@
+"""AWS SageMaker serving: handlers, the serving front, the local runtime."""
