@@ -1,11 +1,9 @@
 """The container's entry point: ``serve`` (SageMaker runs ``docker run IMAGE serve``).
 
-    python -m s1_mini.sagemaker.serve [serve] [--server front|mms] [--host 0.0.0.0] [--port 8080]
+    python -m s1_mini.sagemaker.serve [serve] [--host 0.0.0.0] [--port 8080]
 
-``front`` (default) is our single-process serving front with continuous batching.
-``mms`` runs multi-model-server through the sagemaker-inference toolkit with the same
-handlers, for users who require it: one model copy and one request at a time per
-worker, no streaming, and its error bodies carry the toolkit's stack trace.
+Our single-process serving front with continuous batching (see
+:mod:`s1_mini.sagemaker.front`); SageMaker's ``SAGEMAKER_BIND_TO_PORT`` sets the port.
 """
 
 from __future__ import annotations
@@ -24,15 +22,10 @@ GRACEFUL_SHUTDOWN_S = 25  # SageMaker sends SIGKILL 30 s after SIGTERM
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", default="serve", choices=["serve"])
-    p.add_argument("--server", choices=["front", "mms"], default=os.environ.get("S1_MINI_SAGEMAKER_SERVER", "front"))
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=int(os.environ.get("SAGEMAKER_BIND_TO_PORT", "8080")))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.server == "mms":
-        from s1_mini.sagemaker.mms import start
-
-        return start()
     import uvicorn
 
     from s1_mini.sagemaker.front import create_app
