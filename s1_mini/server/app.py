@@ -74,7 +74,7 @@ def create_app(config: EngineConfig, options: ServerOptions | None = None,
     app.include_router(api_voices.router)
     _system_routes(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    app.add_middleware(GuardMiddleware, api_key=options.api_key, max_body_bytes=options.max_body_bytes)
+    app.add_middleware(GuardMiddleware, api_key=options.api_key, max_body_mb=options.max_body_mb)
     app.add_middleware(MetricsMiddleware, metrics_of=lambda: getattr(app.state, "metrics", None))
     return app
 

@@ -21,8 +21,10 @@ async def _send_json(send: Any, status: int, body: dict, headers: list[tuple[byt
 
 
 class GuardMiddleware:
-    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(self, app: Any, api_key: str | None, max_body_mb: float) -> None:
         self.app = app
+        self.max_body_mb = max_body_mb
+        max_body_bytes = int(max_body_mb * 1024 * 1024)
         self.api_key = api_key.encode() if api_key else None
         self.max_body = max_body_bytes
 
@@ -74,8 +76,7 @@ class GuardMiddleware:
         return await self.app(scope, replay, send)
 
     async def _too_large(self, send: Any) -> None:
-        limit_mb = self.max_body / (1024 * 1024)
-        message = f"body: must be at most {limit_mb:g} MB (max_body_mb)"
+        message = f"body: must be at most {self.max_body_mb:g} MB ({self.max_body} bytes, max_body_mb)"
         await _send_json(send, 413, error_body("payload_too_large", message, "body", 413),
                          [(b"connection", b"close")])
 

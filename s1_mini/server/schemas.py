@@ -155,10 +155,11 @@ class TTSRequest(BaseModel):
 class SpeechRequest(BaseModel):
     """OpenAI ``POST /v1/audio/speech``; the last five fields are extensions."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"model": "s1-mini", "input": "Hello world!", "voice": "default", "response_format": "wav"}]})
     model: Annotated[str, Field(min_length=1, max_length=256, description="any name (one model is served)")]
     input: Annotated[str, Field(min_length=1, description="the text to speak")]
-    voice: Annotated[str | dict[str, Any], Field(description=(
+    voice: Annotated[str | dict[str, Any], Field(examples=["default"], description=(
         "a registered voice id, or 'default' (also any OpenAI built-in voice name) for no reference"))]
     response_format: Annotated[str, Field(json_schema_extra={"enum": list(SUPPORTED)})] = "mp3"
     speed: Annotated[float, Field(strict=True, ge=0.25, le=4.0, allow_inf_nan=False,
