@@ -152,6 +152,15 @@ def test_bad_invocations_name_the_field(container, kwargs, status, field):
     _wav(container.client.post("/invocations", json={"text": "Still serving."}))
 
 
+def test_realtime_invocation_refuses_text_too_long_for_its_limits(container):
+    long_text = "This sentence is here to make the text long. " * 30
+    r = container.client.post("/invocations", json={"text": long_text},
+                              headers={"X-Amzn-SageMaker-Forwarded-Api": "InvokeEndpoint"})
+    assert r.status_code == 413
+    error = r.json()["error"]
+    assert error["field"] == "text" and "InvokeEndpointWithResponseStream" in error["message"]
+
+
 def test_multi_record_jsonl_keeps_every_line_in_order(container):
     lines = []
     for i in range(52):

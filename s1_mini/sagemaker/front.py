@@ -36,6 +36,7 @@ log = logging.getLogger("s1_mini.sagemaker")
 FORWARDED_API = "x-amzn-sagemaker-forwarded-api"
 CUSTOM_ATTRIBUTES = "x-amzn-sagemaker-custom-attributes"
 STREAM_API = "InvokeEndpointWithResponseStream"
+REALTIME_API = "InvokeEndpoint"
 
 
 @dataclass
@@ -51,6 +52,10 @@ class Settings:
     # Empty: a request without Accept gets the container its "format" field names.
     default_accept: str = field(default_factory=lambda: os.environ.get("SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT", ""))
     max_streams: int = field(default_factory=lambda: int(os.environ.get("S1_MINI_MAX_CONCURRENT_STREAMS", "64")))
+    # A real-time InvokeEndpoint must answer within 60 s with at most 6 MB (about 70 s of
+    # 16-bit WAV, some 1000 characters of speech): longer text goes to streaming or async.
+    realtime_max_text_chars: int = field(
+        default_factory=lambda: int(os.environ.get("S1_MINI_REALTIME_MAX_TEXT_CHARS", "1000")))
 
     @property
     def model_dir(self) -> Path:
@@ -151,6 +156,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         data = await asyncio.to_thread(front.handler("input_fn"), raw, content_type)
         if _wants_stream(request, data):
             return await front.synth.stream(request, data.job, _stream_format(data), {})
+        if request.headers.get(FORWARDED_API) == REALTIME_API:
+            _check_realtime(data, front.settings.realtime_max_text_chars)
         accept = request.headers.get("accept", "")
         if accept in ("", "*/*"):
             accept = "application/jsonlines" if isinstance(data, default_handlers.Records) else front.settings.default_accept
@@ -168,6 +175,16 @@ def _wants_stream(request: Request, data: Any) -> bool:
     attributes = request.headers.get(CUSTOM_ATTRIBUTES, "").replace(" ", "").lower()
     return (request.headers.get(FORWARDED_API) == STREAM_API or "stream=true" in attributes.split(";")
             or data.stream)
+
+
+def _check_realtime(data: Any, limit: int) -> None:
+    items = data.items if isinstance(data, default_handlers.Records) else [data]
+    longest = max((len(item.job.text) for item in items if isinstance(item, default_handlers.Invocation)), default=0)
+    if longest > limit:
+        raise APIError(413, "request_too_long",
+                       f"text: {longest} characters is more than a real-time invocation can speak within its 60 s "
+                       f"and 6 MB limits ({limit}, S1_MINI_REALTIME_MAX_TEXT_CHARS); use "
+                       "InvokeEndpointWithResponseStream, async inference or batch transform", "text")
 
 
 def _stream_format(data: Any) -> Any:
