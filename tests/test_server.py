@@ -305,7 +305,7 @@ def test_voices_rest_and_fish_routes(client):
     replaced = client.post("/v1/references", data={"id": "alice", "text": "Alice again.", "overwrite": "true"},
                            files=files)
     assert replaced.status_code == 201 and replaced.json()["text"] == "Alice again."
-    assert [v["id"] for v in client.get("/v1/references").json()["voices"]] == ["alice"]
+    assert "alice" in [v["id"] for v in client.get("/v1/references").json()["voices"]]
     assert client.get("/v1/references/alice").json()["text"] == "Alice again."
 
     tts = client.post("/v1/tts", json={"text": "With a voice.", "reference_id": "alice", "max_new_tokens": 12})
@@ -324,7 +324,7 @@ def test_voices_rest_and_fish_routes(client):
                                                               "audio": base64.b64encode(wav).decode()})
     assert dup.status_code == 409 and dup.json()["success"] is False
     listed = client.get("/v1/references/list", headers={"accept": "application/json"}).json()
-    assert listed["success"] and listed["reference_ids"] == ["alice", "bob"]
+    assert listed["success"] and {"alice", "bob"} <= set(listed["reference_ids"])
     spaced = client.post("/v1/references/add?format=json", json={"id": "with space", "text": "x",
                                                                  "audio": base64.b64encode(wav).decode()})
     assert spaced.status_code == 400 and "fish-speech" in spaced.json()["message"]
@@ -336,7 +336,7 @@ def test_voices_rest_and_fish_routes(client):
     assert client.delete("/v1/references/alice").json() == {"id": "alice", "deleted": True}
     gone = client.get("/v1/references/alice")
     assert gone.status_code == 404 and error_of(gone)["code"] == "not_found"
-    assert client.get("/v1/references").json() == {"voices": []}
+    assert "alice" not in [v["id"] for v in client.get("/v1/references").json()["voices"]]
 
 
 def test_voice_upload_rules(client):

@@ -73,7 +73,8 @@ def test_stream_cap_and_engine_overload(guarded):
         with other.stream("POST", "/v1/tts/stream", json={"text": "Hold the only slot.", "max_new_tokens": 240,
                                                           "seed": 1}) as first:
             assert first.status_code == 200
-            next(first.iter_raw())
+            chunks = first.iter_raw()  # keep a reference: a collected iterator closes the connection
+            next(chunks)
             second = c.post("/v1/tts/stream", json={"text": "One too many."}, headers=AUTH)
             assert second.status_code == 503 and second.headers["retry-after"] == "1"
             assert "max_concurrent_streams" in second.json()["error"]["message"]

@@ -122,11 +122,13 @@ def _system_routes(app: FastAPI) -> None:
         state.metrics.refresh(health, bool(engine.ready), state.synth.open_streams, int(slots))
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
-    async def fish_health() -> dict[str, str]:
+    @app.get("/v1/health", tags=["system"], summary="fish-speech health (GET)")
+    async def fish_health_get() -> dict[str, str]:
         return {"status": "ok"}
 
-    app.add_api_route("/v1/health", fish_health, methods=["GET", "POST"], tags=["system"],
-                      summary="fish-speech health")
+    @app.post("/v1/health", tags=["system"], summary="fish-speech health (POST)")
+    async def fish_health_post() -> dict[str, str]:
+        return {"status": "ok"}
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
