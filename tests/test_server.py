@@ -216,6 +216,23 @@ def test_disconnect_mid_stream_frees_the_slot(server, client):
     assert client.post("/v1/tts", json={"text": "Still serving.", "max_new_tokens": 8}).status_code == 200
 
 
+def test_disconnect_while_waiting_for_a_whole_file_cancels_it(server, client):
+    key = 's1_mini_request_errors_by_code_total{code="cancelled"}'
+    before = metrics(client).get(key, 0)
+    with httpx.Client(base_url=server.url, timeout=0.3) as impatient:
+        with pytest.raises(httpx.ReadTimeout):  # gives up and closes the connection
+            impatient.post("/v1/tts", json={"text": "A long file nobody waits for.", "max_new_tokens": 240,
+                                            "seed": 1})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        now = metrics(client)
+        if now.get(key, 0) > before and now["s1_mini_batch_size"] == 0:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"the abandoned request was not cancelled: {now}")
+
+
 def test_concurrent_requests_share_the_batch(client, server):
     results = []
 

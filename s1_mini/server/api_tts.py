@@ -88,7 +88,7 @@ async def tts(request: Request) -> Response:
     if body.streaming:
         return await synth.stream(request, job, KNOWN["pcm"], _headers(job, "pcm"), with_header=False)
     fmt = KNOWN[body.format]
-    audio, rate, timings = await synth.synthesize(job, fmt)
+    audio, rate, timings = await synth.synthesize(job, fmt, request)
     return Response(audio, media_type=fmt.media_type, headers={
         **_headers(job, fmt.name), "X-Sample-Rate": str(rate), "X-Audio-Frames": str(timings.frames)})
 
@@ -140,7 +140,7 @@ async def speech(request: Request) -> Response:
     if name == "wav" and body.stream_format == "audio":
         return await synth.stream(request, job, KNOWN["wav"], headers)
     fmt = KNOWN[name]
-    audio, rate, _ = await synth.synthesize(job, fmt)
+    audio, rate, _ = await synth.synthesize(job, fmt, request)
     return Response(audio, media_type=fmt.media_type, headers={**headers, "X-Sample-Rate": str(rate)})
 
 

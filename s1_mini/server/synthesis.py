@@ -24,6 +24,7 @@ from s1_mini.server.metrics import Metrics
 from s1_mini.voices import VoiceError, VoiceNotFound
 
 log = logging.getLogger("s1_mini.server")
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks for a gone client
 
 
 @dataclass
@@ -116,13 +117,15 @@ class Synthesizer:
 
     # ------------------------------------------------------------------ whole files
 
-    async def synthesize(self, job: Job, fmt: AudioFormat) -> tuple[bytes, int, Any]:
-        """(body, sample rate, timings); raises APIError."""
+    async def synthesize(self, job: Job, fmt: AudioFormat,
+                         request: Request | None = None) -> tuple[bytes, int, Any]:
+        """(body, sample rate, timings); raises APIError. A client that disconnects
+        while it waits cancels the request (its batch slot is freed)."""
         start = time.perf_counter()
         self.metrics.requests.inc()
         try:
             await self.prepare(job)
-            response = await self.engine.agenerate(job.text, **job.kwargs())
+            response = await self._generate(job, request)
             if not response.success:
                 raise from_engine(response.error_code or ErrorCode.INTERNAL, response.error or "failed", job.fields,
                                   self.retry_after)
@@ -136,6 +139,19 @@ class Synthesizer:
             raise
         self.metrics.observe_success(time.perf_counter() - start, response.timings)
         return body, out_rate, response.timings
+
+    async def _generate(self, job: Job, request: Request | None) -> Any:
+        task = asyncio.ensure_future(self.engine.agenerate(job.text, **job.kwargs()))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return task.result()
+                if request is not None and await request.is_disconnected():
+                    raise APIError(499, ErrorCode.CANCELLED, "the client disconnected", None)
+        finally:
+            if not task.done():
+                task.cancel()  # agenerate cancels the engine request
 
     # ------------------------------------------------------------------ streams
 
