@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.server_utils import metric_values, shared_server, sine_wav
+from server_utils import metric_values, shared_server, sine_wav
 
 FRAME = 64  # samples per frame of the tiny codec
 RATE = 44100

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from tests.server_utils import ROOT, shared_server, sine_wav
+from server_utils import ROOT, shared_server, sine_wav
 
 pytestmark = pytest.mark.parity
 

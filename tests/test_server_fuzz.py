@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.server_utils import shared_server, sine_wav
+from server_utils import shared_server, sine_wav
 
 
 @pytest.fixture(scope="module")

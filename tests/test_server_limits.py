@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.server_utils import ROOT, ServerProcess, tiny_checkpoint
+from server_utils import ROOT, ServerProcess, tiny_checkpoint
 
 KEY = "s3cret-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
