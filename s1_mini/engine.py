@@ -39,6 +39,9 @@ from s1_mini.voices import InvalidReferenceAudio, Voice, VoiceError, VoiceNotFou
 log = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# The warm-up request compiles the decode step (minutes with inductor): it is not held
+# to request_timeout_seconds.
+WARMUP_TIMEOUT_S = 1800.0
 _END = object()  # end-of-stream marker in chunk queues
 
 
@@ -138,7 +141,7 @@ class ProductionTTSEngine:
                                     on_oom=lambda: mm.clear_cache(force=True))
         self._scheduler.start()
         if c.warmup:
-            response = self.generate("Hello world.", max_new_tokens=8, seed=0)
+            response = self.generate("Hello world.", max_new_tokens=8, seed=0, timeout=WARMUP_TIMEOUT_S)
             if not response.success and response.error_code != ErrorCode.NO_AUDIO:
                 self.stop()
                 raise RuntimeError(f"warm-up failed: {response.error}")

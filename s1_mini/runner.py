@@ -99,12 +99,17 @@ class ModelRunner:
         # Test hook: called at the start of every prefill and decode step (fault injection).
         self.fault_hook: Callable[[str], None] | None = None
         self.step_fn = decode_frame  # the per-frame decode step; compile() may wrap it
+        # Static batch: every step runs all slots (idle ones on dummy input), so a
+        # compiled step sees one shape and one cache layout, whatever joins or leaves.
+        self.static_batch = False
+        self._idle: SequenceState | None = None
         model.setup_caches(max_batch_size, max_seq_len)
 
     def compile(self, wrap: Callable[[Callable], Callable]) -> None:
-        """Wrap the decode step (e.g. with torch.compile). The prefill stays eager, as in
-        the reference: its length changes with every prompt."""
+        """Wrap the decode step (e.g. with torch.compile) and switch to the static batch.
+        The prefill stays eager, as in the reference: its length changes with every prompt."""
         self.step_fn = wrap(decode_frame)
+        self.static_batch = True
 
     def acquire(self, seq: SequenceState) -> None:
         self.free_slots.sort()
@@ -136,21 +141,42 @@ class ModelRunner:
         """One decode step for every sequence in ``seqs``; each gets one frame."""
         if self.fault_hook:
             self.fault_hook("decode")
-        slots = [s.slot for s in seqs]
-        slot_tensor = None if slots == list(range(len(slots))) else torch.tensor(slots, device=self.device)
-        windows = torch.stack([penalty_window(s.history, s.steps) for s in seqs])
-        generators = [s.generator for s in seqs]
+        if self.static_batch:  # rows in slot order: no gather, one shape
+            rows = [self._idle_row(seqs)] * self.max_batch_size
+            for s in seqs:
+                rows[s.slot] = s
+            slot_tensor = None
+        else:
+            rows = list(seqs)
+            slots = [s.slot for s in rows]
+            slot_tensor = None if slots == list(range(len(slots))) else torch.tensor(slots, device=self.device)
+        windows = torch.stack([penalty_window(s.history, s.steps) for s in rows])
+        generators = [s.generator for s in rows]
         greedy = [g is None for g in generators]
         if any(greedy) and not all(greedy):
             raise ValueError("greedy and sampled sequences cannot share a decode step")
-        sampling = BatchSampling.build([s.params for s in seqs], None if all(greedy) else generators,
+        sampling = BatchSampling.build([s.params for s in rows], None if all(greedy) else generators,
                                        self.dtype, self.device)
-        tokens = torch.stack([s.frames[-1] for s in seqs])[:, :, None]
-        pos = torch.tensor([[s.prompt.shape[1] + s.steps] for s in seqs], device=self.device)
+        tokens = torch.stack([s.frames[-1] for s in rows])[:, :, None]
+        pos = torch.tensor([[s.prompt.shape[1] + s.steps] for s in rows], device=self.device)
         frames = self.step_fn(self.model, tokens, pos, slot_tensor, sampling,
                               slow_history=windows[:, :, 0], fast_history=windows[:, 1:, :])
         ends = (frames[:, 0] == self.im_end_id).tolist()
-        for s, frame, end in zip(seqs, frames, ends):
+        for s, frame, end in zip(rows, frames, ends):
+            if s is self._idle:
+                continue
             s.history[:, s.steps] = frame
             s.frames.append(frame)
             s.finished = end or len(s.frames) >= s.max_new_tokens
+
+    def _idle_row(self, seqs: Sequence[SequenceState]) -> SequenceState:
+        """The dummy row run in free slots of a static batch: position 0 of its own slot
+        (which the next prefill there overwrites), results dropped."""
+        if self._idle is None:
+            n = self.model.config.num_codebooks + 1
+            self._idle = SequenceState(torch.zeros((n, 0), dtype=torch.int32), 2, SamplingParams(), None)
+            self._idle.frames.append(torch.zeros(n, dtype=torch.long, device=self.device))
+            self._idle.history = torch.zeros((n, PENALTY_WINDOW), dtype=torch.long, device=self.device)
+            self._idle_generator = torch.Generator(self.device)
+        self._idle.generator = None if seqs[0].generator is None else self._idle_generator
+        return self._idle

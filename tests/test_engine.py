@@ -122,6 +122,25 @@ def test_concurrent_threads_and_asyncio_equal_sequential(engine):
     assert engine.health_check()["steps"] > 0
 
 
+def test_static_batch_gives_the_same_codes(engine, checkpoint):
+    """The static batch (all slots every step, as a compiled step runs) changes nothing."""
+    with ProductionTTSEngine(_config(checkpoint, max_batch_size=4)) as static:
+        static._runner.static_batch = True
+        results: list = [None] * 6
+
+        def call(i: int) -> None:
+            results[i] = static.generate(TEXTS[i], seed=i)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, r in enumerate(results):
+            _assert_audio(r, static)
+            np.testing.assert_array_equal(r.codes, engine.generate(TEXTS[i], seed=i).codes)
+
+
 def test_streaming_chunks_equal_offline_audio(engine):
     whole = engine.generate(TEXTS[3], seed=3)
     chunks = list(engine.generate_stream(TEXTS[3], seed=3))
