@@ -306,7 +306,8 @@ class ProductionTTSEngine:
         """asyncio variant of :meth:`generate`; cancelling the task cancels the request."""
         request = None
         try:
-            request = self.submit(text, **kwargs)
+            # Preparing tokenizes and may encode reference audio: keep it off the event loop.
+            request = await asyncio.to_thread(self.submit, text, **kwargs)
             outcome = await asyncio.wrap_future(request.future)
         except asyncio.CancelledError:
             if request is not None:
@@ -337,7 +338,7 @@ class ProductionTTSEngine:
         def put(item: Any) -> None:
             loop.call_soon_threadsafe(chunks.put_nowait, item)
 
-        request = self._prepare(text, **_request_kwargs(kwargs), on_chunk=put)
+        request = await asyncio.to_thread(self._prepare, text, **_request_kwargs(kwargs), on_chunk=put)
         request.future.add_done_callback(lambda _: put(_END))
         self._scheduler.submit(request)
         try:

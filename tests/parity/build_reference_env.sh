@@ -8,7 +8,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 env_dir=${1:-$root/.refenv}
-stamp=$env_dir/.complete-v1
+stamp=$env_dir/.complete-v2
 [ -f "$stamp" ] && exit 0
 
 python=${PYTHON:-python3}
@@ -17,6 +17,8 @@ rm -rf "$env_dir"
 pip=("$env_dir/bin/python" -m pip install -q --disable-pip-version-check)
 # torch==2.13.0 is the same CPU wheel the project's own environment uses.
 "${pip[@]}" torch==2.13.0 numpy einops loguru loralib click tqdm tiktoken
+# fish-speech's request schema (tests/test_server_fish.py builds requests with it)
+"${pip[@]}" pydantic ormsgpack
 
 wheels=$env_dir/wheels
 ref=$env_dir/ref
