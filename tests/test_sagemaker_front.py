@@ -258,3 +258,68 @@ def test_sigterm_under_load_ends_cleanly(tmp_path, model_tar):
     for t in threads:
         t.join(30)
     assert len(codes) == 8 and all(code in (200, 503, -1) for code in codes), codes
+
+
+# ---------------------------------------------------------------- through real boto3
+
+
+@pytest.fixture(scope="module")
+def runtime(container, tmp_path_factory):
+    """The local SageMaker runtime in front of the container, as its own process."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("runtime") / "runtime.log", "wb")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    process = subprocess.Popen([sys.executable, "-m", "s1_mini.sagemaker.local_runtime", "--container-url",
+                                container.url, "--port", str(port), "--endpoint-name", "s1-mini"],
+                               stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    import boto3
+    import botocore.config
+
+    client = boto3.client("sagemaker-runtime", endpoint_url=url, region_name="us-east-1", aws_access_key_id="x",
+                          aws_secret_access_key="x", config=botocore.config.Config(retries={"max_attempts": 1}))
+    yield client
+    process.terminate()
+    process.wait(10)
+    log.close()
+
+
+def test_boto3_invoke_endpoint_returns_wav(runtime):
+    response = runtime.invoke_endpoint(EndpointName="s1-mini", ContentType="application/json", Accept="audio/wav",
+                                       Body=json.dumps({"text": "Hello through boto3.", "seed": 4}))
+    assert response["ContentType"] == "audio/wav"
+    audio, rate = sf.read(io.BytesIO(response["Body"].read()))
+    assert rate == 44100 and len(audio) > 0 and len(audio) % TINY_FRAME == 0
+
+
+def test_boto3_bad_request_is_a_model_error_naming_the_field(runtime):
+    with pytest.raises(runtime.exceptions.ModelError) as info:
+        runtime.invoke_endpoint(EndpointName="s1-mini", ContentType="application/json",
+                                Body=json.dumps({"text": "hi", "top_p": 7}))
+    error = info.value.response
+    assert error["OriginalStatusCode"] == 422
+    assert json.loads(error["OriginalMessage"])["error"]["field"] == "top_p"
+
+
+def test_boto3_response_stream_first_event_before_the_end(runtime):
+    start = time.monotonic()
+    response = runtime.invoke_endpoint_with_response_stream(
+        EndpointName="s1-mini", ContentType="application/json",
+        Body=json.dumps({"text": "A long streamed answer for boto3 to read piece by piece.", "seed": 5,
+                         "max_new_tokens": 200}))
+    arrivals, parts = [], []
+    for event in response["Body"]:
+        parts.append(event["PayloadPart"]["Bytes"])
+        arrivals.append(time.monotonic() - start)
+    body = b"".join(parts)
+    assert len(parts) >= 3 and body[:4] == b"RIFF"
+    assert arrivals[0] < arrivals[-1]  # the first audio left before generation ended
+    samples = np.frombuffer(body[44:], dtype="<i2")
+    assert len(samples) > 0 and len(samples) % TINY_FRAME == 0
