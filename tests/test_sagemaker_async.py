@@ -217,3 +217,57 @@ def test_runtime_without_output_path_refuses_async_calls(container, tmp_path):
             r.client.invoke_endpoint_async(EndpointName=ENDPOINT, InputLocation=f"s3://{BUCKET}/in/req.json")
     finally:
         r.stop()
+
+
+# ------------------------------------------------------------------ against the fake container
+# test_local_runtime's fake container echoes each request's headers and body, or sleeps first.
+
+
+@pytest.fixture(scope="module")
+def echo_runtime(s3, tmp_path_factory) -> Iterator[Runtime]:
+    logs = tmp_path_factory.mktemp("async-echo")
+    port = free_port()
+    log = open(logs / "fake-container.log", "wb")
+    fake = subprocess.Popen([sys.executable, "-m", "uvicorn", "--app-dir", str(ROOT / "tests"),
+                             "test_local_runtime:fake_container", "--host", "127.0.0.1", "--port", str(port),
+                             "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        r = Runtime(f"http://127.0.0.1:{port}", logs, "--async-output-path", f"s3://{BUCKET}/echo",
+                    "--s3-endpoint-url", s3.endpoint)
+        yield r
+        r.stop()
+    finally:
+        fake.terminate()
+        fake.wait(10)
+        log.close()
+
+
+def test_async_forwards_what_sagemaker_forwards(echo_runtime, s3):
+    s3.put_object(Bucket=BUCKET, Key="in/echo.txt", Body=b"plain words")
+    answer = echo_runtime.client.invoke_endpoint_async(
+        EndpointName=ENDPOINT, InputLocation=f"s3://{BUCKET}/in/echo.txt", ContentType="text/plain",
+        Accept="audio/flac", CustomAttributes="trace=7", InferenceId="echo-1")
+    assert answer["OutputLocation"] == f"s3://{BUCKET}/echo/echo-1.out"
+    # no --async-failure-path: failures go next to the outputs
+    assert answer["FailureLocation"] == f"s3://{BUCKET}/echo/echo-1-error.out"
+    echoed = json.loads(_wait_for(s3, answer["OutputLocation"], echo_runtime)["Bytes"])
+    headers = echoed["headers"]
+    assert echoed["body"] == "plain words"
+    assert headers["content-type"] == "text/plain" and headers["accept"] == "audio/flac"
+    assert headers["x-amzn-sagemaker-forwarded-api"] == "InvokeEndpointAsync"
+    assert headers["x-amzn-sagemaker-custom-attributes"] == "trace=7"
+    assert headers["x-amzn-sagemaker-inference-id"] == "echo-1"
+    assert not {"authorization", "x-amzn-sagemaker-inputlocation", "x-amz-date"} & set(headers)
+
+
+def test_async_past_its_invocation_timeout_is_a_failure(echo_runtime, s3):
+    s3.put_object(Bucket=BUCKET, Key="in/slow.json", Body=json.dumps({"sleep": 5}))
+    start = time.monotonic()
+    answer = echo_runtime.client.invoke_endpoint_async(
+        EndpointName=ENDPOINT, InputLocation=f"s3://{BUCKET}/in/slow.json", ContentType="application/json",
+        InvocationTimeoutSeconds=1)
+    assert time.monotonic() - start < 1  # 202 before the container is even called
+    failure = json.loads(_wait_for(s3, answer["FailureLocation"], echo_runtime, timeout=10)["Bytes"])
+    assert failure["ErrorCode"] == "ModelInvocationTimeExceeded" and "1 s" in failure["Message"]
+    assert time.monotonic() - start < 4
+    assert _absent(s3, answer["OutputLocation"])
