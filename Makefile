@@ -23,4 +23,5 @@ demo: install
 # pytest exits 5 when it collects no tests; that is not a failure of the product.
 test: install
 	bash tests/parity/build_reference_env.sh
+	bash tests/mms/build_mms_env.sh
 	$(PY) -m pytest -q -ra tests; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc

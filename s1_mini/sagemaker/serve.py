@@ -1,9 +1,13 @@
 """The container's entry point: ``serve`` (SageMaker runs ``docker run IMAGE serve``).
 
-    python -m s1_mini.sagemaker.serve [serve] [--host 0.0.0.0] [--port 8080]
+    python -m s1_mini.sagemaker.serve [serve] [--host 0.0.0.0] [--port 8080] [--server front|mms]
 
-Our single-process serving front with continuous batching (see
-:mod:`s1_mini.sagemaker.front`); SageMaker's ``SAGEMAKER_BIND_TO_PORT`` sets the port.
+``--server front`` (the default): our single-process serving front with continuous
+batching and streaming (see :mod:`s1_mini.sagemaker.front`). ``--server mms``:
+multi-model-server through the sagemaker-inference toolkit, running the same handlers
+(see :mod:`s1_mini.sagemaker.mms` for what it needs and its limitations).
+``S1_MINI_SAGEMAKER_SERVER`` sets the default; SageMaker's ``SAGEMAKER_BIND_TO_PORT``
+sets the port.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import sys
 from collections.abc import Iterator
 
 GRACEFUL_SHUTDOWN_S = 25  # SageMaker sends SIGKILL 30 s after SIGTERM
+SERVERS = ("front", "mms")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,8 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("command", nargs="?", default="serve", choices=["serve"])
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=int(os.environ.get("SAGEMAKER_BIND_TO_PORT", "8080")))
+    p.add_argument("--server", choices=SERVERS, default=os.environ.get("S1_MINI_SAGEMAKER_SERVER", "front") or "front",
+                   help="front: our serving front (default); mms: multi-model-server via the sagemaker-inference "
+                        "toolkit (env S1_MINI_SAGEMAKER_SERVER)")
     args = p.parse_args(argv)
+    if args.server not in SERVERS:  # a bad S1_MINI_SAGEMAKER_SERVER (argparse checks only given values)
+        p.error(f"argument --server: invalid choice: {args.server!r} (choose from {', '.join(SERVERS)})")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.server == "mms":
+        from s1_mini.sagemaker import mms
+
+        return mms.start(host=args.host, port=args.port)
     import uvicorn
 
     from s1_mini.sagemaker.front import create_app
