@@ -171,7 +171,7 @@ def _wav(response: httpx.Response) -> None:
 
 def test_model_loads_and_ping_answers(mms):
     assert mms.seen["ping"][-1] == 200 and mms.seen["invocations"][-1] == 200
-    # while the worker loads, /invocations answers 503 (never 500)
+    # a request sent while the worker loads waits in MMS's queue (or gets 503), never 500
     assert set(mms.seen["invocations"][:-1]) <= {503}
     log = mms.log()
     assert "s1_mini.sagemaker.mms:handle" in log and f"127.0.0.1:{mms.port}" in log
@@ -224,6 +224,30 @@ def test_jsonlines_one_output_line_per_input_line(mms):
     for i in (0, 2, 4):
         audio, rate = sf.read(io.BytesIO(__import__("base64").b64decode(out[i]["audio"])))
         assert rate == out[i]["sample_rate"] == 44100 and len(audio) == out[i]["frames"] * TINY_FRAME
+
+
+def test_ping_is_200_even_when_the_model_cannot_load(tmp_path):
+    """MMS's /ping is 200 while its only worker keeps dying in model_fn (here: no
+    checkpoint in the model directory); only the body says so, and /invocations waits."""
+    base_dir = tmp_path / "ml"
+    (base_dir / "model" / "code").mkdir(parents=True)
+    shutil.copy(ROOT / "code" / "inference.py", base_dir / "model" / "code" / "inference.py")
+    c = MMSContainer(base_dir, tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while "FileNotFoundError" not in c.log():
+            assert time.monotonic() < deadline and c.process.poll() is None, c.log()
+            time.sleep(0.25)
+        ping = c.client.get("/ping")
+        assert ping.status_code == 200 and ping.json()["status"] == "Unhealthy"
+        try:
+            status = c.client.post("/invocations", json={"text": "Anyone there?"}, timeout=3).status_code
+        except httpx.TimeoutException:
+            status = None
+        assert status != 200
+    finally:
+        rc, left = c.stop()
+    assert rc == 0 and left == [], (rc, left, c.log())
 
 
 def test_sigterm_stops_everything(mms):

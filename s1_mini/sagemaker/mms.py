@@ -51,8 +51,10 @@ Limitations of MMS compared with our front (observed with MMS 1.1.11 / toolkit 1
   InvokeEndpointWithResponseStream get the whole audio at the end, and the real-time
   response limit (6 MB) applies to every answer.
 * ``/ping`` answers 200 as soon as the Java frontend is up, even while the model is
-  loading or when a worker died; ``/invocations`` answers 503 until a worker has loaded.
-  MMS loads the model at start; a failing ``model_fn`` makes MMS retry the worker.
+  loading or when every worker keeps dying (a failing ``model_fn``: MMS retries the
+  worker with a back-off forever); only its body says ``{"status": "Unhealthy"}``, and
+  SageMaker looks at the status code. Meanwhile ``/invocations`` requests wait in
+  MMS's queue instead of failing fast.
 * MMS batching (``batch_size``/``max_batch_delay`` via the management API) hands the
   handler a list, but the toolkit applies request 0's headers (Content-Type, Accept)
   to every item and sets only item 0's response content type.
@@ -61,6 +63,13 @@ Limitations of MMS compared with our front (observed with MMS 1.1.11 / toolkit 1
   texts on a slow CPU can exceed it and get the worker restarted.
 * After SIGTERM, MMS can leave worker processes behind; :func:`start` terminates the
   leftover workers of its own process group after the Java process has exited.
+* MMS only accepts ports below 32767 (its Connector rejects larger ones: "Invalid port
+  number"), so ``SAGEMAKER_BIND_TO_PORT`` cannot be an ephemeral port.
+* The toolkit finds the Java process by scanning all processes (several MMS on one
+  host made it fail or follow the wrong one); :func:`start` narrows that to the Java
+  process started with its own config file. MMS's pid file lives in ``$TMPDIR`` and
+  its worker sockets in ``$TEMP`` (default /tmp), so two servers on one host need
+  different ``TMPDIR``/``TEMP``.
 """
 
 from __future__ import annotations
@@ -199,6 +208,8 @@ def start(host: str | None = None, port: int | None = None) -> int:
         signal.signal(signal.SIGINT, terminate)
 
     model_server._add_sigterm_handler = add_sigterm_handler
+    model_server._retrieve_mms_server_process = _own_mms_process(model_server.MMS_NAMESPACE,
+                                                                 model_server.MMS_CONFIG_FILE)
     log.info("starting multi-model-server (handler %s, config %s, port %s)", HANDLER_SERVICE,
              model_server.MMS_CONFIG_FILE, os.environ.get("SAGEMAKER_BIND_TO_PORT", "8080"))
     try:
@@ -210,6 +221,30 @@ def start(host: str | None = None, port: int | None = None) -> int:
         return 0
     log.error("multi-model-server exited on its own")
     return 1
+
+
+def _own_mms_process(namespace: str, config_file: str) -> Any:
+    """The toolkit finds "its" MMS by scanning every process for the Java class name and
+    gives up when there are several, or follows another server's Java process when
+    that one is found first. Ours is the one started with our (unique) config file."""
+    import psutil
+
+    def retrieve() -> Any:
+        found = []
+        for process in psutil.process_iter():
+            try:
+                if process.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                cmdline = process.cmdline()
+            except psutil.Error:
+                continue
+            if namespace in cmdline and config_file in cmdline:
+                found.append(process)
+        if len(found) != 1:
+            raise Exception(f"mms model server with config {config_file}: {len(found)} processes, expected 1")
+        return found[0]
+
+    return retrieve
 
 
 def _stop_leftover_workers(timeout: float = 10) -> None:
