@@ -2,8 +2,10 @@
 
     python -m s1_mini.sagemaker.serve [serve] [--host 0.0.0.0] [--port 8080] [--server front|mms]
 
-``--server front`` (the default): our single-process serving front with continuous
-batching and streaming (see :mod:`s1_mini.sagemaker.front`). ``--server mms``:
+``--server front`` (the default): our serving front with continuous batching and
+streaming (see :mod:`s1_mini.sagemaker.front`); on an instance with several GPUs, one
+front process per GPU behind a least-loaded router (:mod:`s1_mini.sagemaker.router`;
+``S1_MINI_ENGINES`` overrides the count). ``--server mms``:
 multi-model-server through the sagemaker-inference toolkit, running the same handlers
 (see :mod:`s1_mini.sagemaker.mms` for what it needs and its limitations).
 ``S1_MINI_SAGEMAKER_SERVER`` sets the default; SageMaker's ``SAGEMAKER_BIND_TO_PORT``
@@ -17,6 +19,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 
@@ -43,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from s1_mini.sagemaker.front import create_app
+    from s1_mini.sagemaker.router import create_router_app, engine_count
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -56,10 +60,23 @@ def main(argv: list[str] | None = None) -> int:
                 for s, handler in previous.items():
                     signal.signal(s, handler)
 
-    config = uvicorn.Config(create_app(), host=args.host, port=args.port, log_level="info", access_log=False,
+    count = engine_count()
+    if count > 1:  # one engine process per GPU behind a router (see s1_mini.sagemaker.router)
+        import torch
+
+        app = create_router_app(count, [_free_port() for _ in range(count)], gpus=torch.cuda.device_count() >= count)
+    else:
+        app = create_app()
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=False,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     Server(config).run()
     return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
