@@ -1,0 +1,5 @@
+import sys
+
+from s1_mini.deploy.cli import main
+
+sys.exit(main())
