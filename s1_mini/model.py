@@ -17,7 +17,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,9 @@ from torch import Tensor, nn
 
 from s1_mini.checkpoint import CheckpointError, check_keys_and_shapes, read_state_dict
 from s1_mini.rope import apply_rope, rope_table
+
+if TYPE_CHECKING:
+    from s1_mini.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

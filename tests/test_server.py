@@ -12,7 +12,6 @@ import time
 
 import httpx
 import msgpack
-import numpy as np
 import pytest
 import soundfile as sf
 

@@ -100,7 +100,6 @@ def test_reference_key_rewrites(tiny, tmp_path):
     rewritten = OrderedDict()
     for k, v in state.items():
         if k.endswith("attention.wqkv.weight"):
-            c = base.config
             s = base.fast_shape if k.startswith("fast") else base.slow_shape
             q, kk, vv = v.split([s.n_head * s.head_dim, s.n_kv_head * s.head_dim, s.n_kv_head * s.head_dim])
             p = "model." + k[: -len("wqkv.weight")]

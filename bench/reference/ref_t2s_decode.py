@@ -13,7 +13,6 @@ import json
 import statistics
 import time
 
-import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
