@@ -17,7 +17,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +25,7 @@ from torch import Tensor, nn
 
 from s1_mini.checkpoint import CheckpointError, check_keys_and_shapes, read_state_dict
 from s1_mini.rope import apply_rope, rope_table
-
-if TYPE_CHECKING:
-    from s1_mini.tokenizer import Tokenizer
+from s1_mini.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -511,10 +509,8 @@ def build_model(config: ModelConfig, semantic_begin_id: int, semantic_end_id: in
 
 
 def load_text2semantic(checkpoint_dir: str | Path, device: str | torch.device = "cpu",
-                       dtype: torch.dtype = torch.float32) -> tuple[DualARTransformer, "Tokenizer"]:
+                       dtype: torch.dtype = torch.float32) -> tuple[DualARTransformer, Tokenizer]:
     """Load ``config.json``, the tokenizer and ``model.pth`` from a checkpoint directory."""
-    from s1_mini.tokenizer import Tokenizer
-
     d = Path(checkpoint_dir)
     if not d.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {d}")
