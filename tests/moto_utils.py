@@ -21,10 +21,7 @@ from moto.sagemaker.models import FakeEndpointConfig
 from moto.server import ThreadedMotoServer
 
 from s1_mini.deploy.aws import AwsContext
-try:
-    from s1_mini.deploy.deploy import GPU_INSTANCE_TYPES
-except ImportError:  # deploy step not there yet
-    GPU_INSTANCE_TYPES = frozenset()
+from s1_mini.deploy.deploy import GPU_INSTANCE_TYPES
 from server_utils import free_port
 
 REGION = "us-east-1"
