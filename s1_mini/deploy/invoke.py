@@ -61,15 +61,22 @@ def load_request(text: str | None = None, request_file: Path | None = None, *, s
     return request
 
 
+def describe_error(error: dict[str, Any]) -> str:
+    """``[status] field: message`` from the container's ``{"error": {...}}`` (the field named once)."""
+    message = str(error.get("message", ""))
+    field = error.get("field")
+    where = f"{field}: " if field and not message.startswith(f"{field}:") else ""
+    status = f"{error['status']} " if error.get("status") else ""
+    return f"{status}{where}{message}"
+
+
 def model_error_message(exc: botocore.exceptions.ClientError) -> str:
     """The container's own error (status, field, message) from a ModelError, else boto's message."""
     response = exc.response
     status = response.get("OriginalStatusCode")
     try:
         error = json.loads(response.get("OriginalMessage", ""))["error"]
-        where = f"{error['field']}: " if error.get("field") else ""
-        return f"the model refused the request ({error.get('status', status)} {error.get('code', '')}): " \
-               f"{where}{error.get('message')}".replace(" )", ")")
+        return f"the model refused the request: {describe_error({'status': status, **error})}"
     except (ValueError, KeyError, TypeError):
         err = response.get("Error", {})
         return f"{err.get('Code')}: {err.get('Message')}" + (f" (status {status})" if status else "")
