@@ -15,7 +15,7 @@ import botocore.exceptions
 from s1_mini.deploy.aws import AwsContext, DeployError
 
 # Subcommands, in the order a deployment runs them (each is s1_mini.deploy.<name>).
-STEPS: list[str] = ["package", "upload", "register", "deploy", "invoke", "invoke-async", "batch", "teardown"]
+STEPS: list[str] = ["package", "upload", "register", "deploy", "autoscale", "invoke", "invoke-async", "batch", "teardown"]
 
 
 def build_parser() -> argparse.ArgumentParser:
