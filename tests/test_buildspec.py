@@ -85,8 +85,13 @@ def test_deploy_commands_exist_and_parse(command, argv):
     module = ROOT / "s1_mini" / "deploy" / f"{step.replace('-', '_')}.py"
     assert module.is_file(), f"buildspec.yml runs `{step}` but s1_mini/deploy/{module.name} does not exist"
     assert step in cli.STEPS, f"`{step}` is not in s1_mini.deploy.cli.STEPS"
+    parser = cli.build_parser()
+    subparser = next(a for a in parser._actions if a.dest == "command").choices[step]
+    for word in argv[1:]:
+        if word.startswith("--"):  # whole option names only: argparse would also take an abbreviation
+            assert word.split("=")[0] in subparser._option_string_actions, f"`{step}` has no option {word}"
     try:
-        args = cli.build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit:
         pytest.fail(f"`python -m s1_mini.deploy {' '.join(argv)}` does not parse (see the usage above)")
     assert args.command == step
