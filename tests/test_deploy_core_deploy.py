@@ -24,6 +24,7 @@ from moto.sagemaker.exceptions import ValidationError
 from moto.sagemaker.models import SageMakerModelBackend, sagemaker_backends
 
 from moto_utils import REGION, ROLE_ARN, context, moto, moto_url  # noqa: F401  (fixtures)
+from s1_mini.deploy.autoscale import autoscale_endpoint
 from s1_mini.deploy.aws import AwsContext, DeployError
 from s1_mini.deploy.cli import main
 from s1_mini.deploy.deploy import BlueGreen, deploy_endpoint
@@ -211,7 +212,15 @@ def test_teardown_deletes_endpoint_configs_and_models(moto: str) -> None:
     ctx = context(moto)
     UpdateHook(ctx, apply=True)
     second = raw(ctx)
+    autoscale_endpoint(context(moto), "tts", max_instances=3)
+    autoscale_endpoint(context(moto), "other", max_instances=2)
     plan = teardown_endpoint(context(moto), "tts", yes=True, poll=1)
+    assert plan.scalable_targets == ["endpoint/tts/variant/AllTraffic"]
+    aas = boto3.client("application-autoscaling", region_name=REGION, endpoint_url=moto)
+    assert [t["ResourceId"] for t in aas.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]] \
+        == ["endpoint/other/variant/AllTraffic"]
+    assert [p["ResourceId"] for p in aas.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"]] \
+        == ["endpoint/other/variant/AllTraffic"]
     assert sorted(plan.endpoint_configs) == sorted([first.endpoint_config_name, second.endpoint_config_name])
     assert state(moto) == {"models": [other.model_name], "configs": [other.endpoint_config_name],
                            "endpoints": ["other"]}

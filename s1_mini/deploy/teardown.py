@@ -1,6 +1,7 @@
 """Delete an endpoint, its endpoint configs and models (and optionally model packages).
 
-Finds what belongs to the endpoint: its current config, and every endpoint config
+Finds what belongs to the endpoint: its autoscaling policies and targets (removed
+first, as AWS asks), its current config, and every endpoint config
 that `deploy` tagged with the endpoint's name (earlier deploys); the models of those
 configs; with --delete-model-packages, the model packages those models were made from.
 Prints the plan and asks for confirmation (--yes to skip). An unknown endpoint is an
@@ -27,9 +28,13 @@ class TeardownPlan:
     endpoint_configs: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
     model_packages: list[str] = field(default_factory=list)
+    scalable_targets: list[str] = field(default_factory=list)  # autoscaling resource ids
+    scaling_policies: list[tuple[str, str]] = field(default_factory=list)  # (resource id, policy name)
 
     def describe(self) -> str:
         lines = [f"endpoint:         {self.endpoint_name}"]
+        lines += [f"scaling policy:   {n} ({r})" for r, n in self.scaling_policies]
+        lines += [f"scalable target:  {n}" for n in self.scalable_targets]
         lines += [f"endpoint config:  {n}" for n in self.endpoint_configs]
         lines += [f"model:            {n}" for n in self.models]
         lines += [f"model package:    {n}" for n in self.model_packages]
@@ -49,6 +54,15 @@ def plan_teardown(ctx: AwsContext, endpoint_name: str, delete_model_packages: bo
     plan = TeardownPlan(endpoint_name)
     if ctx.dry_run:
         return plan
+    prefix = f"endpoint/{endpoint_name}/variant/"
+    pages = ctx.client("application-autoscaling").get_paginator("describe_scalable_targets").paginate(
+        ServiceNamespace="sagemaker")
+    plan.scalable_targets = [t["ResourceId"] for page in pages for t in page.get("ScalableTargets", [])
+                             if t["ResourceId"].startswith(prefix)]
+    pages = ctx.client("application-autoscaling").get_paginator("describe_scaling_policies").paginate(
+        ServiceNamespace="sagemaker")
+    plan.scaling_policies = [(p["ResourceId"], p["PolicyName"]) for page in pages
+                             for p in page.get("ScalingPolicies", []) if p["ResourceId"].startswith(prefix)]
     configs = [endpoint["EndpointConfigName"]]
     paginator = ctx.client("sagemaker").get_paginator("list_endpoint_configs")
     for page in paginator.paginate(NameContains=endpoint_name):
@@ -93,6 +107,13 @@ def teardown_endpoint(ctx: AwsContext, endpoint_name: str, *, delete_model_packa
             confirm = lambda text: input(f"{text}\nDelete all of this? [y/N] ").strip().lower() in ("y", "yes")  # noqa: E731
         if not confirm(plan.describe()):
             raise DeployError("confirmation: not confirmed; nothing was deleted")
+    for resource_id, policy in plan.scaling_policies:
+        ctx.call("application-autoscaling", "delete_scaling_policy", ServiceNamespace="sagemaker",
+                 ResourceId=resource_id, ScalableDimension="sagemaker:variant:DesiredInstanceCount",
+                 PolicyName=policy)
+    for resource_id in plan.scalable_targets:  # AWS asks for this before the endpoint goes
+        ctx.call("application-autoscaling", "deregister_scalable_target", ServiceNamespace="sagemaker",
+                 ResourceId=resource_id, ScalableDimension="sagemaker:variant:DesiredInstanceCount")
     ctx.call("sagemaker", "delete_endpoint", EndpointName=endpoint_name)
     if not ctx.dry_run:
         delay = max(1, int(poll))
