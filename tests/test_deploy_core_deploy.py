@@ -258,3 +258,36 @@ def test_teardown_confirmation_unknown_endpoint_and_packages(moto: str, capsys: 
     assert state(moto) == EMPTY
     assert main(["teardown", "--region", REGION, "--endpoint-url", moto, "--endpoint-name", "tts", "--yes"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.fixture
+def endpoint_fails() -> Iterator[None]:
+    """moto's endpoints are InService at once; this plays an endpoint whose container
+    never passes /ping (server-side, in moto's backend)."""
+    original = SageMakerModelBackend.create_endpoint
+
+    def create(self, *args: Any, **kwargs: Any):
+        endpoint = original(self, *args, **kwargs)
+        endpoint.endpoint_status = "Failed"
+        endpoint.failure_reason = "The primary container for production variant AllTraffic did not pass the ping"
+        return endpoint
+
+    SageMakerModelBackend.create_endpoint = create  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        SageMakerModelBackend.create_endpoint = original  # type: ignore[method-assign]
+
+
+def test_failed_endpoint_reports_status_and_reason(moto: str, endpoint_fails: None,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(DeployError, match="tts is Failed after the deploy .*did not pass the ping.*teardown"):
+        raw(context(moto))
+    assert "endpoint tts: Failed; failure reason: The primary container" in capsys.readouterr().out
+    # a failed endpoint cannot be updated: deploy says to tear it down, and creates nothing
+    before = state(moto)
+    with pytest.raises(DeployError, match="cannot update a failed endpoint: run teardown"):
+        raw(context(moto))
+    assert state(moto) == before
+    teardown_endpoint(context(moto), "tts", yes=True, poll=1)
+    assert state(moto) == EMPTY

@@ -190,9 +190,12 @@ def deploy_endpoint(ctx: AwsContext, endpoint_name: str, *, role_arn: str | None
                               "update_model_package) before deploying")
 
     existing = describe_endpoint(ctx, endpoint_name)
-    if existing and existing.get("EndpointStatus") not in ("InService", "Failed"):
+    if existing and existing.get("EndpointStatus") == "Failed":
+        raise DeployError(f"endpoint: {endpoint_name} is Failed ({existing.get('FailureReason')}); SageMaker "
+                          "cannot update a failed endpoint: run teardown, then deploy again")
+    if existing and existing.get("EndpointStatus") != "InService":
         raise DeployError(f"endpoint: {endpoint_name} is {existing.get('EndpointStatus')}; wait until it is "
-                          "InService (or Failed) before deploying again")
+                          "InService before deploying again")
     action = "update" if existing else "create"
     name = resource_names(endpoint_name)
     tag_list = [{"Key": TAG_KEY, "Value": endpoint_name}] + [{"Key": k, "Value": v} for k, v in (tags or {}).items()]
