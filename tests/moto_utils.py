@@ -19,10 +19,10 @@ import pytest
 import requests
 from moto.sagemaker.models import FakeEndpointConfig
 from moto.server import ThreadedMotoServer
+from server_utils import free_port
 
 from s1_mini.deploy.aws import AwsContext
 from s1_mini.deploy.deploy import GPU_INSTANCE_TYPES
-from server_utils import free_port
 
 REGION = "us-east-1"
 ROLE_ARN = "arn:aws:iam::123456789012:role/S1MiniSageMaker"

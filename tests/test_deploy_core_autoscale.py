@@ -4,14 +4,17 @@ the target-tracking policy as Application Auto Scaling stores them."""
 from __future__ import annotations
 
 import boto3
+import moto_utils
 import pytest
+from moto_utils import REGION, ROLE_ARN, context
 
-from moto_utils import REGION, ROLE_ARN, context, moto, moto_url  # noqa: F401  (fixtures)
 from s1_mini.deploy import autoscale
 from s1_mini.deploy.autoscale import autoscale_endpoint
 from s1_mini.deploy.aws import DeployError
 from s1_mini.deploy.cli import main
 from s1_mini.deploy.deploy import deploy_endpoint
+
+moto_url, moto = moto_utils.moto_url, moto_utils.moto  # the fixtures these tests use
 
 
 def aas(url: str):

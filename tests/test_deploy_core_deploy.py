@@ -18,12 +18,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import boto3
+import moto_utils
 import pytest
 from botocore.awsrequest import AWSResponse
 from moto.sagemaker.exceptions import ValidationError
 from moto.sagemaker.models import SageMakerModelBackend, sagemaker_backends
+from moto_utils import REGION, ROLE_ARN, context
 
-from moto_utils import REGION, ROLE_ARN, context, moto, moto_url  # noqa: F401  (fixtures)
 from s1_mini.deploy.autoscale import autoscale_endpoint
 from s1_mini.deploy.aws import AwsContext, DeployError
 from s1_mini.deploy.cli import main
@@ -32,6 +33,8 @@ from s1_mini.deploy.teardown import teardown_endpoint
 
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/s1-mini:1.0"
 DATA = "s3://models/s1-mini/model.tar.gz"
+
+moto_url, moto = moto_utils.moto_url, moto_utils.moto  # the fixtures these tests use
 
 
 def sm(url: str):

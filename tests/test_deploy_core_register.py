@@ -7,15 +7,22 @@ import json
 from pathlib import Path
 
 import boto3
+import moto_utils
 import pytest
+from moto_utils import REGION, context
 
-from moto_utils import REGION, context, moto, moto_url  # noqa: F401  (fixtures)
 from s1_mini.deploy.aws import DeployError
 from s1_mini.deploy.cli import main
-from s1_mini.deploy.register import CONTENT_TYPES, DEFAULT_REALTIME_TYPES, register_model
+from s1_mini.deploy.register import (
+    CONTENT_TYPES,
+    DEFAULT_REALTIME_TYPES,
+    register_model,
+)
 
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/s1-mini:1.0"
 DATA = "s3://models/s1-mini/model.tar.gz"
+
+moto_url, moto = moto_utils.moto_url, moto_utils.moto  # the fixtures these tests use
 
 
 def sm(url: str):

@@ -8,12 +8,15 @@ import os
 from pathlib import Path
 
 import boto3
+import moto_utils
 import pytest
+from moto_utils import REGION, context
 
-from moto_utils import REGION, context, moto, moto_url  # noqa: F401  (fixtures)
 from s1_mini.deploy.aws import DeployError
 from s1_mini.deploy.cli import main
 from s1_mini.deploy.upload import upload_model
+
+moto_url, moto = moto_utils.moto_url, moto_utils.moto  # the fixtures these tests use
 
 
 def s3(url: str, region: str = REGION):

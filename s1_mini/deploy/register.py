@@ -19,7 +19,11 @@ from typing import Any
 import botocore.exceptions
 
 from s1_mini.deploy.aws import AwsContext, DeployError
-from s1_mini.deploy.deploy import GPU_INSTANCE_TYPES, parse_env, validate_environment, validate_instance_type
+from s1_mini.deploy.deploy import (
+    parse_env,
+    validate_environment,
+    validate_instance_type,
+)
 
 CONTENT_TYPES = ["application/json", "application/jsonlines", "text/plain", "application/x-msgpack"]
 DEFAULT_REALTIME_TYPES = ["ml.g5.xlarge", "ml.g5.2xlarge", "ml.g6.xlarge", "ml.g6e.xlarge", "ml.g4dn.xlarge"]
@@ -44,7 +48,7 @@ class RegisterResult:
 def git_commit(repo: Path | None = None) -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo or Path(__file__).resolve().parents[2],
-                             capture_output=True, text=True, timeout=10)
+                             capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None

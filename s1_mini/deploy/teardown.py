@@ -94,6 +94,10 @@ def plan_teardown(ctx: AwsContext, endpoint_name: str, delete_model_packages: bo
     return plan
 
 
+def _ask(text: str) -> bool:
+    return input(f"{text}\nDelete all of this? [y/N] ").strip().lower() in ("y", "yes")
+
+
 def teardown_endpoint(ctx: AwsContext, endpoint_name: str, *, delete_model_packages: bool = False,
                       yes: bool = False, confirm: Callable[[str], bool] | None = None,
                       timeout: float = 1800, poll: float = 15) -> TeardownPlan:
@@ -104,7 +108,7 @@ def teardown_endpoint(ctx: AwsContext, endpoint_name: str, *, delete_model_packa
         if confirm is None:
             if not sys.stdin.isatty():
                 raise DeployError("confirmation: stdin is not a terminal; pass --yes to delete without asking")
-            confirm = lambda text: input(f"{text}\nDelete all of this? [y/N] ").strip().lower() in ("y", "yes")  # noqa: E731
+            confirm = _ask
         if not confirm(plan.describe()):
             raise DeployError("confirmation: not confirmed; nothing was deleted")
     for resource_id, policy in plan.scaling_policies:
