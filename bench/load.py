@@ -52,12 +52,12 @@ FORWARDED_API = "X-Amzn-SageMaker-Forwarded-Api"
 SHORT_TEXTS = ["Hello there.", "A short sentence.", "Good morning to you.", "Testing one two three.",
                "The quick brown fox.", "Short and sweet."]
 LONG_TEXTS = [
-    "The weather was calm that morning. Boats drifted slowly across the harbour. "
-    "A gull called from the pier, and somewhere a bell rang twice. Then the wind came back.",
-    "Reliability is a habit, not an event. Every request should finish or fail cleanly. "
-    "Memory should stay flat once the server has warmed up. Streams should end when clients leave.",
-    "She opened the old book and read the first line aloud. The words were strange but familiar. "
-    "By the third page the room had gone quiet. Nobody wanted her to stop reading.",
+    ("The weather was calm that morning. Boats drifted slowly across the harbour. "
+     "A gull called from the pier, and somewhere a bell rang twice. Then the wind came back."),
+    ("Reliability is a habit, not an event. Every request should finish or fail cleanly. "
+     "Memory should stay flat once the server has warmed up. Streams should end when clients leave."),
+    ("She opened the old book and read the first line aloud. The words were strange but familiar. "
+     "By the third page the room had gone quiet. Nobody wanted her to stop reading."),
 ]
 
 # kind -> weight; the sagemaker front has no voice registry, so "voice_id" becomes inline there
@@ -463,8 +463,8 @@ def format_table(r: dict[str, Any]) -> str:
         return "-" if x is None else f"{x:.3f}{unit}" if isinstance(x, float) else f"{x}{unit}"
 
     c = r["config"]
-    lines = [f"load: {c['kind']} {c['url']}  clients={c['clients']} duration={c['duration']}s seed={c['seed']} "
-             f"wall={r['wall_s']}s",
+    lines = [(f"load: {c['kind']} {c['url']}  clients={c['clients']} duration={c['duration']}s seed={c['seed']} "
+              f"wall={r['wall_s']}s"),
              f"{'kind':<14}{'requests':>10}{'successes':>11}"]
     for kind, row in r["by_kind"].items():
         lines.append(f"{kind:<14}{row['requests']:>10}{row['successes']:>11}")
@@ -472,11 +472,11 @@ def format_table(r: dict[str, Any]) -> str:
     rss = r["rss"]
     lines += [
         f"status counts: {r['status_counts']}   4xx={r['4xx']} 5xx={r['5xx']} transport errors={r['transport_errors']}",
-        f"invalid audio: {r['invalid_audio']}   early disconnects: {r['early_disconnects']}   "
-        f"throughput: {f(r['throughput_rps'])} req/s",
-        f"latency (complete answers): p50={f(r['latency_s']['p50'], 's')} p99={f(r['latency_s']['p99'], 's')} "
-        f"max={f(r['latency_s']['max'], 's')}   stream TTFB p50={f(r['stream_ttfb_s']['p50'], 's')} "
-        f"p99={f(r['stream_ttfb_s']['p99'], 's')}",
+        (f"invalid audio: {r['invalid_audio']}   early disconnects: {r['early_disconnects']}   "
+         f"throughput: {f(r['throughput_rps'])} req/s"),
+        (f"latency (complete answers): p50={f(r['latency_s']['p50'], 's')} p99={f(r['latency_s']['p99'], 's')} "
+         f"max={f(r['latency_s']['max'], 's')}   stream TTFB p50={f(r['stream_ttfb_s']['p50'], 's')} "
+         f"p99={f(r['stream_ttfb_s']['p99'], 's')}"),
     ]
     if rss.get("samples"):
         lines.append(f"RSS (MB): start={rss['start_mb']:.1f} after warm-up={rss['warm_mb']:.1f} "

@@ -15,10 +15,10 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
-
-import s1_mini.scheduler
 from server_utils import ROOT, ServerProcess, metric_values, tiny_checkpoint
 from test_sagemaker_front import TINY_FRAME, Container, extract, model_tar  # noqa: F401 - model_tar is a fixture
+
+import s1_mini.scheduler
 
 
 def _load_harness():
@@ -180,8 +180,8 @@ def test_report_fails_on_5xx_invalid_audio_and_rss_growth():
     ok = load.Result("short", 200, 0.1, 100)
     mb = 1024 * 1024
     flat = [(t, 400 * mb) for t in range(10)]
-    common = dict(wall=10, warmup_s=2, max_rss_growth_mb=50, active_streams_after=0, url="u", kind="server",
-                  clients=1, duration=10, seed=0, pid=1)
+    common = {"wall": 10, "warmup_s": 2, "max_rss_growth_mb": 50, "active_streams_after": 0, "url": "u",
+              "kind": "server", "clients": 1, "duration": 10, "seed": 0, "pid": 1}
     assert load.report([ok], flat, **common)["passed"]
     assert "5xx" in load.report([ok, load.Result("short", 500, 0.1, 10)], flat, **common)["failures"][0]
     bad = load.Result("short", 200, 0.1, 100, invalid="no samples")
