@@ -55,7 +55,7 @@ def penalty_window(history: Tensor, step: int) -> Tensor:
     return history[..., start:start + PENALTY_WINDOW]
 
 
-@dataclass
+@dataclass(eq=False)  # identity, like the slot it holds
 class SequenceState:
     """One prompt being generated in one cache slot."""
 

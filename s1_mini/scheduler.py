@@ -69,7 +69,7 @@ class Timings:
         return {**self.__dict__, "real_time_factor": self.real_time_factor}
 
 
-@dataclass
+@dataclass(eq=False)  # identity: requests live in lists (remove, in) and hold tensors
 class Request:
     """A prepared request: one prompt per text piece, all generated into one audio."""
 

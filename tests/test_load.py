@@ -18,7 +18,6 @@ import soundfile as sf
 from server_utils import ROOT, ServerProcess, metric_values, tiny_checkpoint
 from test_sagemaker_front import TINY_FRAME, Container, extract, model_tar  # noqa: F401 - model_tar is a fixture
 
-import s1_mini.scheduler
 
 
 def _load_harness():
@@ -34,18 +33,6 @@ load = _load_harness()
 CLIENTS = 24
 DURATION_S = 20
 MAX_RSS_GROWTH_MB = 300  # generous: the tiny model's steady state grows a few MB at most
-
-# Request is a plain @dataclass, so its generated __eq__ compares tensor fields: the
-# scheduler's `self._active.remove(r)` then raises when another finished request sits
-# before r in the list, the scheduler iteration fails and every request of the batch gets
-# 500 "internal error during generation". Fix: @dataclass(eq=False) on Request (or remove
-# by identity). The load tests are expected to fail while that is so.
-SCHEDULER_EQ_BUG = s1_mini.scheduler.Request.__dataclass_params__.eq
-known_scheduler_bug = pytest.mark.xfail(
-    SCHEDULER_EQ_BUG, strict=False,
-    reason="s1_mini.scheduler.Request compares tensors in __eq__: list.remove() raises under concurrent load, "
-           "giving 500s (needs @dataclass(eq=False))")
-
 
 def assert_passed(report: dict) -> None:
     print(load.format_table(report))
@@ -79,7 +66,6 @@ def http_server(tmp_path_factory):
     server.stop()
 
 
-@known_scheduler_bug
 def test_load_http_server(http_server):
     report = load.run_load(http_server.url, "server", CLIENTS, DURATION_S, seed=0, pid=http_server.process.pid,
                            max_rss_growth_mb=MAX_RSS_GROWTH_MB)
@@ -96,7 +82,6 @@ def test_load_http_server(http_server):
         raise
 
 
-@known_scheduler_bug
 def test_load_sagemaker_front(model_tar, tmp_path):  # noqa: F811 - pytest fixture
     front = Container(extract(model_tar, tmp_path / "ml"), tmp_path)
     try:
