@@ -141,13 +141,24 @@ class ProductionTTSEngine:
                                     on_oom=lambda: mm.clear_cache(force=True))
         self._scheduler.start()
         if c.warmup:
-            response = self.generate("Hello world.", max_new_tokens=8, seed=0, timeout=WARMUP_TIMEOUT_S)
-            if not response.success and response.error_code != ErrorCode.NO_AUDIO:
-                self.stop()
-                raise RuntimeError(f"warm-up failed: {response.error}")
+            self._warm_up()
         self.ready = True
         self.started_at = time.time()
         return self
+
+    def _warm_up(self) -> None:
+        """One whole-file request and one stream, so that compilation and the codec's
+        offline and incremental paths are done before the engine reports ready."""
+        response = self.generate("Hello world.", max_new_tokens=8, seed=0, timeout=WARMUP_TIMEOUT_S)
+        try:
+            if not response.success and response.error_code != ErrorCode.NO_AUDIO:
+                raise TTSError(response.error_code or ErrorCode.INTERNAL, response.error or "failed")
+            for _ in self.generate_stream("Hello world.", max_new_tokens=8, seed=0, timeout=WARMUP_TIMEOUT_S):
+                pass
+        except TTSError as exc:
+            if exc.code != ErrorCode.NO_AUDIO:
+                self.stop()
+                raise RuntimeError(f"warm-up failed: {exc.message}") from None
 
     def stop(self) -> None:
         """Cancel waiting and running requests (they get an error), free the models."""
