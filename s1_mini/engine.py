@@ -296,18 +296,24 @@ class ProductionTTSEngine:
                  reference_text: str | None = None, references: Any = None,
                  timeout: float | None = None) -> TTSResponse:
         """Synthesize ``text``; never raises for bad input (see ``response.error``)."""
-        request = None
         try:
             request = self.submit(text, temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
                                   max_new_tokens=max_new_tokens, seed=seed, reference_id=reference_id,
                                   reference_audio=reference_audio, reference_text=reference_text,
                                   references=references, timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 -- every failure becomes a response
+            return self._response(exc, None)
+        return self.wait(request)
+
+    def wait(self, request: Request) -> TTSResponse:
+        """Block until a submitted request ends; its outcome as a response."""
+        try:
             # The scheduler enforces the deadline; the margin only guards against a stuck thread.
             outcome = request.future.result(timeout=request.deadline - time.monotonic() + 30)
         except BaseException as exc:  # noqa: BLE001 -- every failure becomes a response
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
-            if request is not None and not request.future.done():
+            if not request.future.done():
                 request.cancel()
                 exc = TTSError(ErrorCode.TIMEOUT, "the request did not finish in time")
             return self._response(exc, request)

@@ -158,13 +158,7 @@ def predict_fn(data: Invocation | Records, engine: ProductionTTSEngine) -> Predi
             out.append(entry)
             continue
         item, request = entry
-        try:
-            outcome = request.future.result()
-            response = TTSResponse(True, (engine.sample_rate, outcome.audio), codes=outcome.codes,
-                                   timings=outcome.timings)
-        except TTSError as exc:
-            response = TTSResponse(False, error=exc.message, error_code=exc.code)
-        out.append(Prediction(item, response))
+        out.append(Prediction(item, engine.wait(request)))
     return out
 
 
