@@ -128,3 +128,17 @@ def sine_wav(seconds: float = 0.2, rate: int = 22050) -> bytes:
     buffer = io.BytesIO()
     sf.write(buffer, 0.4 * np.sin(2 * np.pi * 220 * t), rate, format="WAV")
     return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- the deploy CLI as its own process
+
+FAKE_AWS_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def deploy_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m s1_mini.deploy ARGS`` with fake AWS credentials (moto / the local runtime)."""
+    env = {**os.environ, **FAKE_AWS_CREDENTIALS,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "s1_mini.deploy", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=ROOT)

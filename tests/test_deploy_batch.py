@@ -13,8 +13,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import pytest
 import soundfile as sf
 from moto.server import ThreadedMotoServer
 
-from server_utils import ROOT, free_port
+from server_utils import deploy_cli, free_port
 from test_sagemaker_front import TINY_FRAME, container, model_tar  # noqa: F401  (fixtures)
 
 from s1_mini.deploy.aws import AwsContext, DeployError
@@ -60,11 +58,6 @@ def client(service: str, url: str):
     return boto3.client(service, endpoint_url=url, region_name=REGION)
 
 
-def deploy_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, **CREDENTIALS,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "s1_mini.deploy", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=ROOT)
 
 
 def requests_file(path: Path, count: int = 9) -> Path:

@@ -3,18 +3,13 @@ the local SageMaker runtime in front of a REAL serving container (tiny random ch
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import soundfile as sf
 
-from server_utils import ROOT
+from server_utils import deploy_cli
 from test_sagemaker_front import TINY_FRAME, container, model_tar, runtime  # noqa: F401  (fixtures)
 
 from s1_mini.deploy.aws import AwsContext, DeployError
@@ -31,11 +26,6 @@ def aws_credentials(monkeypatch):
         monkeypatch.setenv(key, value)
 
 
-def deploy_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, **CREDENTIALS,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "s1_mini.deploy", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=ROOT)
 
 
 def _assert_wav(path: Path) -> None:

@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import soundfile as sf
 
-from server_utils import ROOT
+from server_utils import deploy_cli
 from test_sagemaker_async import BUCKET, CREDENTIALS, ENDPOINT, TINY_FRAME, container, runtime, s3  # noqa: F401
 
 from s1_mini.deploy.aws import AwsContext, DeployError
@@ -27,11 +24,6 @@ def aws_credentials(monkeypatch):
         monkeypatch.setenv(key, value)
 
 
-def deploy_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, **CREDENTIALS,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "s1_mini.deploy", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=ROOT)
 
 
 def _urls(runtime, s3) -> list[str]:

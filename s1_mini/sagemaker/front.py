@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from s1_mini.sagemaker import handlers as default_handlers
+from s1_mini.server.audio_formats import KNOWN
 from s1_mini.server.errors import APIError, error_response
 from s1_mini.server.metrics import Metrics
 from s1_mini.server.synthesis import Synthesizer
@@ -188,6 +189,4 @@ def _check_realtime(data: Any, limit: int) -> None:
 
 
 def _stream_format(data: Any) -> Any:
-    from s1_mini.server.audio_formats import KNOWN
-
     return data.format if data.format.streamable else KNOWN["wav"]
