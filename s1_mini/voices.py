@@ -8,6 +8,7 @@ registered), so that repeated requests with the same audio are encoded once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -33,6 +34,9 @@ logger = logging.getLogger(__name__)
 Encoder = Callable[[bytes | np.ndarray, int | None], np.ndarray]
 
 _ID_CHARS = re.compile(r"[A-Za-z0-9_-]+")
+# OSError numbers that mean "no room" (a full disk, a quota, a file size limit) rather
+# than "cannot write here at all" (read-only, permissions, a path that is not a directory).
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class VoiceError(ValueError):
@@ -49,6 +53,18 @@ class VoiceNotFound(VoiceError):
 
 class InvalidReferenceAudio(VoiceError):
     """Reference audio that cannot be read or encoded."""
+
+
+class VoiceStorageError(VoiceError):
+    """The registry's directory could not take a change; nothing was changed (the
+    previous voices stay, on disk and in memory). ``full`` is True for a full disk,
+    quota or file size limit (HTTP 507 Insufficient Storage), False for a directory
+    that cannot be written at all (read-only, permissions)."""
+
+    def __init__(self, directory: Path, exc: OSError) -> None:
+        self.full = exc.errno in _FULL
+        room = " (no space left: the disk, a quota or a file size limit is full)" if self.full else ""
+        super().__init__(f"voice registry directory {directory} is not writable: {exc}{room}")
 
 
 @dataclass(frozen=True)
@@ -167,7 +183,7 @@ class VoiceRegistry:
                 try:
                     (self.directory / f"{voice_id}.npz").unlink(missing_ok=True)
                 except OSError as exc:
-                    raise VoiceError(f"voice registry directory {self.directory} is not writable: {exc}") from exc
+                    raise VoiceStorageError(self.directory, exc) from exc
             del self._voices[voice_id]
 
     def encode_inline(self, audio: bytes | np.ndarray, text: str, sample_rate: int | None = None) -> Reference:
@@ -259,7 +275,7 @@ class VoiceRegistry:
                 with contextlib.suppress(OSError):  # best effort: the first error is the one to report
                     os.unlink(tmp_name)
             if isinstance(exc, OSError):
-                raise VoiceError(f"voice registry directory {self.directory} is not writable: {exc}") from exc
+                raise VoiceStorageError(self.directory, exc) from exc
             raise
 
     def _load_all(self) -> None:
