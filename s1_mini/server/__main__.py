@@ -3,13 +3,19 @@
 Options come from defaults, then ``S1_MINI_*`` environment variables (engine options as
 in EngineConfig, plus S1_MINI_HOST, S1_MINI_PORT, S1_MINI_API_KEY, S1_MINI_MAX_BODY_MB,
 S1_MINI_MAX_CONCURRENT_STREAMS, S1_MINI_RETRY_AFTER_S, S1_MINI_LOG_LEVEL), then flags.
+
+Exit status: 0 after SIGTERM or SIGINT (in-flight requests drained for up to 10 s), 1 when
+the models cannot load (a one-line error naming the file), 2 for a bad option.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+from collections.abc import Iterator
 
 from s1_mini.config import COMPILE_BACKENDS, PRECISIONS, EngineConfig, EngineConfigError
 from s1_mini.server.options import ServerOptions
@@ -62,8 +68,21 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=options.log_level.upper() if options.log_level != "trace" else "DEBUG",
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # A stop request is a normal end (exit 0 after the drain); uvicorn's own
+            # handler re-raises the signal after shutting down, so the status would be -15.
+            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGTERM, signal.SIGINT)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
     failed: list[BaseException] = []
-    server: uvicorn.Server | None = None
+    server: Server | None = None
 
     def on_load_failure(exc: BaseException) -> None:
         failed.append(exc)
@@ -71,11 +90,11 @@ def main(argv: list[str] | None = None) -> int:
             server.should_exit = True  # a server that cannot load its models exits non-zero
 
     app = create_app(config, options, on_load_failure=on_load_failure)
-    server = uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
-                                           timeout_graceful_shutdown=10, proxy_headers=False))
+    server = Server(uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
+                                   timeout_graceful_shutdown=10, proxy_headers=False))
     server.run()
     if failed:
-        print(f"error: loading the models failed: {failed[0]}", file=sys.stderr)
+        print(f"error: loading the models failed: {' '.join(str(failed[0]).split())}", file=sys.stderr)
         return 1
     return 0
 
