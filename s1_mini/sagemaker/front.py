@@ -6,7 +6,11 @@ The handlers come from ``$SAGEMAKER_BASE_DIR/model/code/$SAGEMAKER_PROGRAM`` whe
 model archive carries one (``code/inference.py``), else from
 :mod:`s1_mini.sagemaker.handlers`. The model loads in the background after the port is
 open: ``/ping`` answers 503 until ``model_fn`` (with its warm-up) is done and the engine
-is healthy.
+is healthy. A model that cannot load (a corrupt checkpoint, a bad option) is logged as one
+line naming the file and, ``S1_MINI_LOAD_FAILURE_GRACE_S`` (5 s) later, ends the process
+with a non-zero status (see :func:`create_app`) rather than leaving ``/ping`` at 503
+forever. A model directory that holds only ``model.tar.gz`` is served from its safe
+extraction (:func:`prepare_model_dir`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import logging
 import os
 import sys
 import threading
+import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +32,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from s1_mini.archive import ArchiveError, extract_model_archive
+from s1_mini.checkpoint import CheckpointError
+from s1_mini.config import EngineConfigError
 from s1_mini.sagemaker import handlers as default_handlers
 from s1_mini.server.audio_formats import KNOWN
 from s1_mini.server.errors import APIError, error_response
@@ -38,6 +47,11 @@ FORWARDED_API = "x-amzn-sagemaker-forwarded-api"
 CUSTOM_ATTRIBUTES = "x-amzn-sagemaker-custom-attributes"
 STREAM_API = "InvokeEndpointWithResponseStream"
 REALTIME_API = "InvokeEndpoint"
+MODEL_ARCHIVE = "model.tar.gz"
+EXTRACTED_DIR = "extracted"  # where a model dir's own model.tar.gz is extracted to
+EXIT_MODEL_FAILED = 3  # serve's exit status when the model cannot load: restarting will not help
+# Load failures whose message says what is wrong and where: one log line, no traceback.
+EXPLAINED_FAILURES = (CheckpointError, EngineConfigError, ArchiveError, OSError)
 
 
 @dataclass
@@ -57,10 +71,35 @@ class Settings:
     # 16-bit WAV, some 1000 characters of speech): longer text goes to streaming or async.
     realtime_max_text_chars: int = field(
         default_factory=lambda: int(os.environ.get("S1_MINI_REALTIME_MAX_TEXT_CHARS", "1000")))
+    # A failed load stays visible on /ping ("failed" and the reason) this long before the
+    # process exits: SageMaker and the router act on the exit, a person polling /ping on the reason.
+    load_failure_grace_s: float = field(
+        default_factory=lambda: float(os.environ.get("S1_MINI_LOAD_FAILURE_GRACE_S", "5")))
+    # Bound on the uncompressed size of a model.tar.gz that serve extracts itself (a tar bomb).
+    max_archive_gb: float = field(default_factory=lambda: float(os.environ.get("S1_MINI_MAX_ARCHIVE_GB", "32")))
 
     @property
     def model_dir(self) -> Path:
-        return self.base_dir / "model"
+        """SageMaker's model directory, or the extraction of its model.tar.gz."""
+        root = self.base_dir / "model"
+        extracted = root / EXTRACTED_DIR
+        return extracted if (root / MODEL_ARCHIVE).is_file() and extracted.is_dir() else root
+
+
+def prepare_model_dir(settings: Settings) -> None:
+    """Extract ``model.tar.gz`` when it is all the model directory holds (SageMaker
+    extracts the archive itself; a model directory mounted or copied as is does not).
+    Raises :class:`ArchiveError` naming the member and the rule it breaks."""
+    root = settings.base_dir / "model"
+    archive = root / MODEL_ARCHIVE
+    if not archive.is_file() or (root / EXTRACTED_DIR).is_dir():
+        return
+    others = sorted(p.name for p in root.iterdir() if p.name != MODEL_ARCHIVE and not p.name.startswith("."))
+    if others:
+        log.info("%s: not extracted, the model directory already holds %s", archive, ", ".join(others[:5]))
+        return
+    log.info("extracting %s", archive)
+    extract_model_archive(archive, root / EXTRACTED_DIR, max_bytes=int(settings.max_archive_gb * 1024**3))
 
 
 def load_handlers(settings: Settings) -> ModuleType:
@@ -79,9 +118,10 @@ def load_handlers(settings: Settings) -> ModuleType:
 
 
 class Front:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, on_load_failure: Callable[[str], None] | None = None) -> None:
         self.settings = settings
-        self.handlers = load_handlers(settings)
+        self.on_load_failure = on_load_failure
+        self.handlers: ModuleType = default_handlers  # until load() reads the model's own
         self.engine: Any = None
         self.load_error: str | None = None
         self.metrics = Metrics()
@@ -93,12 +133,19 @@ class Front:
     def load(self) -> None:
         """model_fn in a background thread: the port answers /ping (503) meanwhile."""
         try:
+            self.handlers = load_handlers(self.settings)
             self.engine = self.handler("model_fn")(str(self.settings.model_dir))
             self.synth = Synthesizer(self.engine, self.metrics, self.settings.max_streams, retry_after=1)
             log.info("model loaded and warmed up")
-        except Exception as exc:  # noqa: BLE001 -- reported by /ping and the log
-            log.exception("model_fn failed")
-            self.load_error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001 -- reported by /ping, the log and the exit status
+            self.load_error = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line
+            if isinstance(exc, EXPLAINED_FAILURES):
+                log.error("loading the model failed: %s", self.load_error)
+            else:  # a bug, or user code: the traceback is what explains it
+                log.exception("loading the model failed: %s", self.load_error)
+            if self.on_load_failure is not None:
+                time.sleep(self.settings.load_failure_grace_s)
+                self.on_load_failure(self.load_error)
 
     @property
     def healthy(self) -> bool:
@@ -109,8 +156,11 @@ class Front:
             self.engine.stop()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    front = Front(settings or Settings())
+def create_app(settings: Settings | None = None,
+               on_load_failure: Callable[[str], None] | None = None) -> FastAPI:
+    """The front's app; ``on_load_failure(message)`` runs ``load_failure_grace_s`` after
+    the model failed to load (``serve`` stops the server and exits non-zero)."""
+    front = Front(settings or Settings(), on_load_failure)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -6,8 +6,13 @@ starts one serving front per GPU as a child process (``CUDA_VISIBLE_DEVICES=i``,
 private port on 127.0.0.1) and this router in front of them. Processes, not threads:
 each engine has its own CUDA context and its own Python interpreter (no shared GIL),
 and a crash (a fatal CUDA error, an OOM kill) takes down one engine only. The router
-restarts a dead engine; ``/ping`` answers 503 until every engine is healthy again,
-while the healthy ones keep serving.
+restarts a dead engine, and one whose engine thread died (its ``/ping`` says
+"unhealthy" for ``UNHEALTHY_RESTART_CHECKS`` checks in a row); ``/ping`` answers 503
+until every engine is healthy again, while the healthy ones keep serving. An invocation
+whose engine fails before answering (refused connection, the process gone) is sent to
+another engine: synthesis has no side effects, so it is safe to repeat. An engine whose
+model cannot load at start (exit status 3) is not restarted: the router stops and
+``serve`` exits non-zero.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +32,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from s1_mini.sagemaker.front import EXIT_MODEL_FAILED
 from s1_mini.server.errors import APIError, error_response
 from s1_mini.server.synthesis import ManagedStream
 
@@ -36,6 +43,9 @@ FORWARDED = ("content-type", "accept", "x-amzn-sagemaker-custom-attributes", "x-
              "x-amzn-sagemaker-inference-id", "x-amzn-sagemaker-session-id")
 CHECK_INTERVAL_S = 1.0
 STOP_TIMEOUT_S = 25.0
+# An engine whose own /ping says "unhealthy" (loaded, but its engine thread is gone) this
+# many checks in a row is killed and restarted: it would never serve again.
+UNHEALTHY_RESTART_CHECKS = 3
 
 
 def engine_count() -> int:
@@ -57,6 +67,8 @@ class EngineProcess:
     healthy: bool = False
     restarts: int = 0
     served: int = 0
+    ever_healthy: bool = False
+    unhealthy_checks: int = 0  # consecutive /ping answers "unhealthy"
 
     @property
     def url(self) -> str:
@@ -69,6 +81,7 @@ class EngineProcess:
         self.process = subprocess.Popen([sys.executable, "-m", "s1_mini.sagemaker.serve", "serve", "--host",
                                          "127.0.0.1", "--port", str(self.port)], env=env)
         self.healthy = False
+        self.unhealthy_checks = 0
         log.info("engine %d started (pid %d, port %d, gpu %s)", self.index, self.process.pid, self.port, self.gpu)
 
     @property
@@ -82,9 +95,11 @@ class EngineProcess:
 
 
 class Router:
-    def __init__(self, count: int, ports: list[int], gpus: bool) -> None:
+    def __init__(self, count: int, ports: list[int], gpus: bool,
+                 on_model_failure: Callable[[str], None] | None = None) -> None:
         self.engines = [EngineProcess(i, port, i if gpus else None) for i, port in enumerate(ports[:count])]
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
+        self.on_model_failure = on_model_failure
 
     def start(self) -> None:
         for engine in self.engines:
@@ -95,19 +110,37 @@ class Router:
         while True:
             for engine in self.engines:
                 if not engine.alive:
-                    log.warning("engine %d exited with %s: restarting it", engine.index,
-                                engine.process.returncode if engine.process else None)
+                    code = engine.process.returncode if engine.process else None
+                    if code == EXIT_MODEL_FAILED and not engine.ever_healthy and self.on_model_failure is not None:
+                        # The model never loaded: every restart would fail the same way.
+                        self.on_model_failure(f"engine {engine.index} cannot load the model (exit status {code}; "
+                                              "its log says why)")
+                        return
+                    log.warning("engine %d exited with %s: restarting it", engine.index, code)
                     engine.restarts += 1
                     engine.start()
                     continue
-                try:
-                    engine.healthy = (await self.client.get(f"{engine.url}/ping", timeout=2.0)).status_code == 200
-                except httpx.HTTPError:
-                    engine.healthy = False
+                await self._check(engine)
             await asyncio.sleep(CHECK_INTERVAL_S)
 
-    def pick(self) -> EngineProcess:
-        ready = [e for e in self.engines if e.healthy and e.alive]
+    async def _check(self, engine: EngineProcess) -> None:
+        try:
+            answer = await self.client.get(f"{engine.url}/ping", timeout=2.0)
+        except httpx.HTTPError:
+            engine.healthy = False
+            return
+        engine.healthy = answer.status_code == 200
+        engine.ever_healthy |= engine.healthy
+        dead_engine = answer.status_code == 503 and _status(answer) == "unhealthy"
+        engine.unhealthy_checks = engine.unhealthy_checks + 1 if dead_engine else 0
+        if engine.unhealthy_checks >= UNHEALTHY_RESTART_CHECKS:
+            log.warning("engine %d: its engine thread is gone (/ping unhealthy %d times): killing it for a restart",
+                        engine.index, engine.unhealthy_checks)
+            engine.process.kill()  # its in-flight requests are stuck anyway; a drain would only wait
+            await asyncio.to_thread(engine.process.wait)
+
+    def pick(self, exclude: tuple[EngineProcess, ...] = ()) -> EngineProcess:
+        ready = [e for e in self.engines if e.healthy and e.alive and e not in exclude]
         if not ready:
             raise APIError(503, "engine_stopped", "no engine is ready (loading or restarting)", None,
                            {"Retry-After": "5"})
@@ -126,8 +159,18 @@ class Router:
         await self.client.aclose()
 
 
-def create_router_app(count: int, ports: list[int], gpus: bool) -> FastAPI:
-    router = Router(count, ports, gpus)
+def _status(answer: httpx.Response) -> str | None:
+    try:
+        return answer.json().get("status")
+    except ValueError:
+        return None
+
+
+def create_router_app(count: int, ports: list[int], gpus: bool,
+                      on_model_failure: Callable[[str], None] | None = None) -> FastAPI:
+    """The router's app; ``on_model_failure(message)`` runs when an engine's model cannot
+    load at start (``serve`` stops the server and exits non-zero)."""
+    router = Router(count, ports, gpus, on_model_failure)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -161,18 +204,25 @@ def create_router_app(count: int, ports: list[int], gpus: bool) -> FastAPI:
 
     @app.post("/invocations")
     async def invocations(request: Request) -> Response:
-        engine = router.pick()
         headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED}
-        engine.in_flight += 1
-        try:
-            upstream_request = router.client.build_request("POST", f"{engine.url}/invocations",
-                                                           content=await request.body(), headers=headers)
-            upstream = await router.client.send(upstream_request, stream=True)
-        except httpx.HTTPError as exc:
-            engine.in_flight -= 1
-            engine.healthy = False
-            raise APIError(503, "engine_stopped", f"engine {engine.index} did not answer ({type(exc).__name__}); "
-                           "retry", None, {"Retry-After": "1"}) from None
+        body = await request.body()
+        tried: tuple[EngineProcess, ...] = ()
+        while True:
+            engine = router.pick(tried)  # 503 once no other engine is ready
+            engine.in_flight += 1
+            try:
+                upstream_request = router.client.build_request("POST", f"{engine.url}/invocations", content=body,
+                                                               headers=headers)
+                upstream = await router.client.send(upstream_request, stream=True)
+                break
+            except httpx.HTTPError as exc:
+                engine.in_flight -= 1
+                engine.healthy = False
+                tried += (engine,)
+                log.warning("engine %d did not answer (%s): trying another", engine.index, type(exc).__name__)
+            except BaseException:  # cancelled (a shutdown) while waiting for the engine: not in flight any more
+                engine.in_flight -= 1
+                raise
         engine.served += 1
         closed = False
 

@@ -10,6 +10,11 @@ multi-model-server through the sagemaker-inference toolkit, running the same han
 (see :mod:`s1_mini.sagemaker.mms` for what it needs and its limitations).
 ``S1_MINI_SAGEMAKER_SERVER`` sets the default; SageMaker's ``SAGEMAKER_BIND_TO_PORT``
 sets the port.
+
+A model directory holding only ``model.tar.gz`` is extracted first (safely, see
+:mod:`s1_mini.archive`). A model that cannot load (a corrupt or truncated checkpoint, a
+refused archive) ends ``serve`` with exit status 3 and a one-line error naming the
+file; SIGTERM drains in-flight requests and exits 0.
 """
 
 from __future__ import annotations
@@ -45,8 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         return mms.start(host=args.host, port=args.port)
     import uvicorn
 
-    from s1_mini.sagemaker.front import create_app
+    from s1_mini.archive import ArchiveError
+    from s1_mini.sagemaker.front import EXIT_MODEL_FAILED, Settings, create_app, prepare_model_dir
     from s1_mini.sagemaker.router import create_router_app, engine_count
+
+    try:
+        prepare_model_dir(Settings())
+    except (ArchiveError, OSError) as exc:
+        print(f"error: the model archive cannot be used: {exc}", file=sys.stderr)
+        return EXIT_MODEL_FAILED
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -60,16 +72,29 @@ def main(argv: list[str] | None = None) -> int:
                 for s, handler in previous.items():
                     signal.signal(s, handler)
 
+    failed: list[str] = []
+    server: Server | None = None
+
+    def on_model_failure(message: str) -> None:
+        failed.append(message)
+        if server is not None:
+            server.should_exit = True
+
     count = engine_count()
     if count > 1:  # one engine process per GPU behind a router (see s1_mini.sagemaker.router)
         import torch
 
-        app = create_router_app(count, [_free_port() for _ in range(count)], gpus=torch.cuda.device_count() >= count)
+        app = create_router_app(count, [_free_port() for _ in range(count)], gpus=torch.cuda.device_count() >= count,
+                                on_model_failure=on_model_failure)
     else:
-        app = create_app()
+        app = create_app(on_load_failure=on_model_failure)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=False,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-    Server(config).run()
+    server = Server(config)
+    server.run()
+    if failed:
+        print(f"error: loading the model failed: {failed[0]}", file=sys.stderr)
+        return EXIT_MODEL_FAILED
     return 0
 
 
