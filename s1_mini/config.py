@@ -8,7 +8,9 @@ the seed README's short names are kept as aliases: ``S1_MINI_COMPILE`` for
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -17,6 +19,13 @@ ENV_PREFIX = "S1_MINI_"
 ENV_ALIASES = {"compile_model": "S1_MINI_COMPILE", "request_timeout_seconds": "S1_MINI_REQUEST_TIMEOUT"}
 PRECISIONS = ("float16", "bfloat16", "float32")
 COMPILE_BACKENDS = ("auto", "inductor", "eager", "disabled")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DEVICE_PATTERN = re.compile(r"(cuda|cpu|mps)(:[0-9]+)?")
+# A request waits with threading timeouts, which overflow near 2**63 ns; a day is more than
+# any one synthesis needs and keeps a typo (or inf) from meaning "never time out".
+MAX_TIMEOUT_S = 86_400.0
+# torch.Generator.manual_seed takes any integer in this range (negative ones wrap).
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 class EngineConfigError(ValueError):
@@ -66,19 +75,27 @@ class EngineConfig:
 
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise EngineConfigError(f"{f.name}: must be a number, got {value!r}")
+            # an int field given 2.5 would reach range() and tensor shapes; NaN and inf pass
+            # every comparison below in one direction or the other, so they are refused here
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise EngineConfigError(f"{f.name}: must be an integer, got {value!r}")
+            if f.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise EngineConfigError(f"{f.name}: must be a finite number, got {value!r}")
             if f.type == "bool" and not isinstance(value, bool):
                 raise EngineConfigError(f"{f.name}: must be true or false, got {value!r}")
         need("checkpoint_path", isinstance(self.checkpoint_path, str) and bool(self.checkpoint_path),
              "must be a non-empty path")
-        need("device", isinstance(self.device, str) and self.device.split(":")[0] in ("cuda", "cpu", "mps"),
+        need("device", isinstance(self.device, str) and DEVICE_PATTERN.fullmatch(self.device) is not None,
              "must be cuda, cuda:<index>, cpu or mps")
         need("precision", self.precision in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}")
         need("compile_backend", self.compile_backend in COMPILE_BACKENDS,
              f"must be one of {', '.join(COMPILE_BACKENDS)}")
+        need("compile_mode", self.compile_mode is None or self.compile_mode in COMPILE_MODES,
+             f"must be null or one of {', '.join(COMPILE_MODES)}")
         need("vram_clear_threshold_gb", self.vram_clear_threshold_gb >= 0, "must be >= 0")
-        need("request_timeout_seconds", self.request_timeout_seconds > 0, "must be > 0")
+        need("request_timeout_seconds", 0 < self.request_timeout_seconds <= MAX_TIMEOUT_S,
+             f"must satisfy 0 < x <= {MAX_TIMEOUT_S:g}")
         need("max_text_length", self.max_text_length >= 1, "must be >= 1")
         need("text_piece_chars", self.text_piece_chars >= 16, "must be >= 16")
         need("max_new_tokens", self.max_new_tokens == 0 or self.max_new_tokens >= 2, "must be 0 or >= 2")
@@ -90,6 +107,9 @@ class EngineConfig:
         need("default_temperature", 0 < self.default_temperature < 2, "must satisfy 0 < x < 2")
         need("default_top_p", 0 < self.default_top_p <= 1, "must satisfy 0 < x <= 1")
         need("default_repetition_penalty", 0 < self.default_repetition_penalty < 2, "must satisfy 0 < x < 2")
+        need("voice_registry_dir", self.voice_registry_dir is None
+             or (isinstance(self.voice_registry_dir, str) and bool(self.voice_registry_dir)),
+             "must be null or a non-empty path")
         need("voice_registry_size", self.voice_registry_size >= 1, "must be >= 1")
         need("reference_cache_size", self.reference_cache_size >= 0, "must be >= 0")
 
@@ -106,11 +126,18 @@ class EngineConfig:
         values.update({k: v for k, v in overrides.items() if v is not None})
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
-            raise EngineConfigError(f"unknown options {unknown}")
+            raise EngineConfigError(f"{unknown[0]}: unknown option (allowed: {', '.join(f.name for f in fields(cls))})")
         return cls(**values)
 
     def replace(self, **changes: Any) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
+
+
+def check_seed(seed: Any, name: str = "seed") -> None:
+    """Refuse a seed that torch's generators cannot take (they raise a bare overflow error)."""
+    low, high = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high:
+        raise EngineConfigError(f"{name}: must be an integer in [-2**63, 2**64 - 1], got {seed!r}")
 
 
 def _parse(f: dataclasses.Field, raw: str, name: str) -> Any:

@@ -24,7 +24,7 @@ import torch
 from s1_mini.checkpoint import CheckpointError
 from s1_mini.codec import Codec, encode_reference_audio
 from s1_mini.compilation import compile_or_eager, resolve_backend
-from s1_mini.config import EngineConfig
+from s1_mini.config import MAX_TIMEOUT_S, EngineConfig, check_seed
 from s1_mini.generation import GenerationError, resolve_max_new_tokens
 from s1_mini.model import DualARTransformer, load_text2semantic
 from s1_mini.prompt import PromptError, Reference, build_prompt
@@ -220,11 +220,14 @@ class ProductionTTSEngine:
             c.default_top_p if top_p is None else top_p,
             c.default_repetition_penalty if repetition_penalty is None else repetition_penalty)
         n = c.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TTSError(ErrorCode.INVALID, f"seed: must be an integer or null, got {seed!r}")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise TTSError(ErrorCode.INVALID, f"timeout: must be a positive number of seconds, got {timeout!r}")
+        # NaN passes "timeout <= 0" and inf overflows the waiting thread's timeout: both refused
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not 0 < timeout <= MAX_TIMEOUT_S):
+            raise TTSError(ErrorCode.INVALID, f"timeout: must be a number of seconds with "
+                                              f"0 < timeout <= {MAX_TIMEOUT_S:g}, got {timeout!r}")
         try:
+            if seed is not None:
+                check_seed(seed)
             params.validate()
             if isinstance(n, bool) or not isinstance(n, int):
                 raise ValueError(f"max_new_tokens: must be an integer, got {n!r}")
@@ -251,6 +254,9 @@ class ProductionTTSEngine:
                                           ("references", references)) if value is not None]
         if len(given) > 1:
             raise ValueError(f"{given[0]}: give only one of reference_id, reference_audio, references")
+        if references is not None and not isinstance(references, (list, tuple)):
+            # a str or dict would otherwise be taken apart character by character or key by key
+            raise ValueError(f"references: must be a list of (audio, text) pairs, got {type(references).__name__}")
         if reference_id is not None:
             return [self.voices.get(reference_id).reference()]
         if reference_audio is not None:
@@ -393,5 +399,5 @@ def _request_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
              "reference_audio", "reference_text", "references", "timeout")
     unknown = sorted(set(kwargs) - set(names))
     if unknown:
-        raise TTSError(ErrorCode.INVALID, f"unknown request fields {unknown}")
+        raise TTSError(ErrorCode.INVALID, f"{unknown[0]}: unknown request field (allowed: {', '.join(names)})")
     return {name: kwargs.get(name) for name in names}
