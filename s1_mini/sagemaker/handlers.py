@@ -33,6 +33,8 @@ from s1_mini.server.synthesis import Job
 JSONLINES_TYPES = ("application/jsonlines", "application/x-jsonlines", "application/jsonl")
 TEXT_TYPES = ("text/plain",)
 ACCEPT_JSON = "application/json"
+WILDCARDS = ("*/*", "audio/*")
+ANY_JSON = ("*/*", "application/*", ACCEPT_JSON) + JSONLINES_TYPES
 # Real-time endpoints cap a response at 6 MB; batch transform and async inference
 # allow more (S1_MINI_MAX_RESPONSE_MB, set by the deploy tooling for those).
 REALTIME_RESPONSE_LIMIT = 6_291_456
@@ -89,23 +91,35 @@ def input_fn(body: bytes | str, content_type: str) -> Invocation | Records:
     kind = (content_type or "application/json").split(";")[0].strip().lower()
     raw = body.encode() if isinstance(body, str) else bytes(body)
     if kind in JSONLINES_TYPES:
-        lines = raw.decode("utf-8", errors="replace").splitlines()
+        lines = _json_lines(raw)
         if not any(line.strip() for line in lines):
             raise APIError(400, ErrorCode.INVALID, "body: must hold at least one JSON line", "body")
-        return Records([_record(line.encode(), "application/json", f"line {i + 1}") for i, line in enumerate(lines)])
+        return Records([_record(line, "application/json") for line in lines])
     if kind in TEXT_TYPES:
         text = raw.decode("utf-8", errors="strict") if _utf8(raw) else None
         if not text or not text.strip():
             raise APIError(400, ErrorCode.INVALID, "body: must be non-empty UTF-8 text", "body")
         return Invocation(tts_job(parse(TTSRequest, {"text": text})), KNOWN["wav"])
     if kind in JSON_TYPES or kind in MSGPACK_TYPES or kind.endswith("+json"):
-        record = _record(raw, kind, None)
+        record = _record(raw, kind)
         if isinstance(record, APIError):
             raise record
         return record
     accepted = JSON_TYPES + MSGPACK_TYPES + JSONLINES_TYPES + TEXT_TYPES
     raise APIError(415, "unsupported_media_type",
                    f"content-type: must be one of {', '.join(accepted)}, got {kind or '(none)'}", "content-type")
+
+
+def _json_lines(raw: bytes) -> list[bytes]:
+    """The lines of a JSON-lines body, split at ``\n`` only (``\r\n`` too) and kept as bytes:
+    str.splitlines would also split inside a JSON string at U+2028, U+0085 and the like
+    (one record becoming two broken ones, and the output one line too long), and decoding
+    with replacement would let invalid UTF-8 through as U+FFFD; each line is decoded
+    strictly by the JSON parser instead, so a bad line is an error record in its place."""
+    lines = raw.split(b"\n")
+    if lines[-1] == b"":  # the newline that ends the last line
+        lines.pop()
+    return [line[:-1] if line.endswith(b"\r") else line for line in lines]
 
 
 def _utf8(raw: bytes) -> bool:
@@ -116,13 +130,11 @@ def _utf8(raw: bytes) -> bool:
     return True
 
 
-def _record(raw: bytes, kind: str, where: str | None) -> Invocation | APIError:
+def _record(raw: bytes, kind: str) -> Invocation | APIError:
     try:
         body = parse(TTSRequest, decode_mapping(raw, kind)[0])
     except APIError as exc:
-        if where is None:
-            return exc
-        return APIError(exc.status, exc.code, f"{where}: {exc.message}", exc.field)
+        return exc
     fmt = KNOWN[body.format]
     return Invocation(tts_job(body), fmt, stream=bool(body.streaming))
 
@@ -166,15 +178,26 @@ def predict_fn(data: Invocation | Records, engine: ProductionTTSEngine) -> Predi
 
 
 def output_fn(prediction: Prediction | list[Prediction | APIError], accept: str) -> tuple[bytes, str]:
-    kind = (accept or "").split(";")[0].strip().lower()
-    if isinstance(prediction, list):
-        lines = [json.dumps(_json_result(p)) for p in prediction]
+    """The response body and its media type, by ``accept`` (an Accept header: one type or a
+    list with q-values; empty or a wildcard means the request's own ``format``)."""
+    accept = (accept or "").strip()
+    wanted = _preferences(accept)
+    if isinstance(prediction, list):  # a JSON-lines body is answered line for line, as JSON lines
+        if accept and not any(kind in ANY_JSON for kind in wanted):
+            raise _not_acceptable(accept, ["application/jsonlines", ACCEPT_JSON])
+        lines = [json.dumps(_json_result(p, line)) for line, p in enumerate(prediction, start=1)]
         return ("\n".join(lines) + "\n").encode(), "application/jsonlines"
+    kind = next((k for k in wanted if k in WILDCARDS + (ACCEPT_JSON,) + JSONLINES_TYPES or _audio_format(k)), None)
+    if accept and kind is None:
+        raise _not_acceptable(accept, [KNOWN[n].media_type for n in SUPPORTED] + [ACCEPT_JSON,
+                                                                                   "application/jsonlines"])
     response = _checked(prediction)
-    if kind == ACCEPT_JSON:
+    if kind == ACCEPT_JSON or kind in JSONLINES_TYPES:
         body = json.dumps(_json_result(prediction)).encode()
-        return _limited(body), ACCEPT_JSON
-    fmt = prediction.invocation.format if kind in ("", "*/*") else _format_for(kind)
+        if kind == ACCEPT_JSON:
+            return _limited(body), ACCEPT_JSON
+        return _limited(body + b"\n"), "application/jsonlines"
+    fmt = _audio_format(kind) if kind not in (None, *WILDCARDS) else prediction.invocation.format
     rate, audio = response.audio
     body, _ = encode(audio, rate, fmt)
     return _limited(body), fmt.media_type
@@ -188,14 +211,17 @@ def _checked(prediction: Prediction) -> TTSResponse:
     return response
 
 
-def _json_result(prediction: Prediction | APIError) -> dict[str, Any]:
+def _json_result(prediction: Prediction | APIError, line: int | None = None) -> dict[str, Any]:
+    """A record's JSON; an error on a JSON-lines body says its line, whether the line did not
+    parse or the engine refused it."""
     if isinstance(prediction, APIError):
+        message = prediction.message if line is None else f"line {line}: {prediction.message}"
         return {"error": {"status": prediction.status, "code": prediction.code, "field": prediction.field,
-                          "message": prediction.message}}
+                          "message": message}}
     try:
         response = _checked(prediction)
     except APIError as exc:
-        return _json_result(exc)
+        return _json_result(exc, line)
     rate, audio = response.audio
     fmt = prediction.invocation.format
     body, out_rate = encode(audio, rate, fmt)
@@ -205,12 +231,32 @@ def _json_result(prediction: Prediction | APIError) -> dict[str, Any]:
             "timings": {k: v for k, v in response.timings.as_dict().items() if v is not None}}
 
 
-def _format_for(accept: str) -> AudioFormat:
-    for name in SUPPORTED:
-        if KNOWN[name].media_type == accept:
-            return KNOWN[name]
-    offered = [KNOWN[n].media_type for n in SUPPORTED] + [ACCEPT_JSON, "application/jsonlines"]
-    raise APIError(406, "not_acceptable", f"accept: must be one of {', '.join(offered)}, got {accept}", "accept")
+def _preferences(accept: str) -> list[str]:
+    """The media types of an Accept header, most preferred first; q=0 (and a q that is not
+    a number) means "not this one"."""
+    ranked = []
+    for position, part in enumerate(accept.split(",")):
+        kind, *params = [p.strip() for p in part.split(";")]
+        quality = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        if kind and quality > 0:  # NaN is not > 0 either
+            ranked.append((-quality, position, kind.lower()))
+    return [kind for _, _, kind in sorted(ranked)]
+
+
+def _audio_format(media_type: str) -> AudioFormat | None:
+    return next((KNOWN[n] for n in SUPPORTED if KNOWN[n].media_type == media_type), None)
+
+
+def _not_acceptable(accept: str, offered: list[str]) -> APIError:
+    shown = accept if len(accept) <= 200 else accept[:200] + "…"
+    return APIError(406, "not_acceptable", f"accept: must be one of {', '.join(offered)}, got {shown}", "accept")
 
 
 def _limited(body: bytes) -> bytes:
