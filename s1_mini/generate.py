@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from s1_mini.checkpoint import CheckpointError
+from s1_mini.config import check_seed
 from s1_mini.generation import GenerationError, generate
 from s1_mini.model import load_text2semantic
 from s1_mini.prompt import PromptError, Reference, build_prompt
@@ -32,7 +33,10 @@ PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": t
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:  # torch lists every device type it knows; ours are fewer
+        raise ValueError(f"--device: must be auto, cpu or cuda[:index], got {name!r}") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device: {name} requested but CUDA is not available")
     return device
@@ -63,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if len(args.reference_text) != len(args.reference_codes):
             raise ValueError("--reference-text and --reference-codes must be given the same number of times")
+        check_seed(args.seed, "--seed")
         device = resolve_device(args.device)
         dtype = PRECISIONS[args.precision or ("bfloat16" if device.type == "cuda" else "float32")]
         params = SamplingParams(args.temperature, args.top_p, args.repetition_penalty)
@@ -82,8 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, PromptError, GenerationError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(args.out, codes.numpy())
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(args.out, codes.numpy())
+    except OSError as exc:
+        print(f"error: --out: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     print(f"wrote codes {list(codes.shape)} to {args.out}")
     return 0
 

@@ -47,10 +47,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_out(out: Path) -> None:
+    """Refuse an output path that soundfile cannot write, before minutes of synthesis."""
+    if out.is_dir():
+        raise ValueError(f"--out: {out} is a directory; pass a file name such as speech.wav")
+    if out.suffix[1:].upper() not in sf.available_formats():
+        raise ValueError(f"--out: the extension of {out.name!r} names no audio format; use .wav, .flac or .ogg")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_out(args.out)
         config = EngineConfig.from_env(checkpoint_path=args.checkpoint, device=args.device,
                                        precision=args.precision, compile_model=False if args.no_compile else None,
                                        max_new_tokens=args.max_new_tokens)
@@ -73,8 +82,11 @@ def main(argv: list[str] | None = None) -> int:
                     chunks.append(chunk)
                     bar.update(len(chunk) / engine.sample_rate)
             audio = np.concatenate(chunks)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            sf.write(args.out, audio, engine.sample_rate)
+            try:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                sf.write(args.out, audio, engine.sample_rate)
+            except (OSError, sf.LibsndfileError) as exc:
+                raise ValueError(f"--out: cannot write {args.out}: {getattr(exc, 'strerror', None) or exc}") from None
             seconds = len(audio) / engine.sample_rate
             device = engine.health_check()["device"]
     except (CheckpointError, EngineConfigError, ValueError) as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,16 +46,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.input.is_file():
             raise UsageError(f"input file not found: {args.input}")
+        if args.out.is_dir():
+            raise UsageError(f"--out: {args.out} is a directory; pass a file name")
         device = _device(args.device)
-        codec = Codec.from_checkpoint(args.checkpoint, device, PRECISIONS[args.precision])
-        args.out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            codec = Codec.from_checkpoint(args.checkpoint, device, PRECISIONS[args.precision])
+        except (CheckpointError, CodecConfigError) as exc:
+            raise UsageError(f"--checkpoint: {exc}") from None
         if args.command == "encode":
-            codes = encode_reference_audio(codec, args.input)
-            np.save(args.out, codes)
+            try:
+                codes = encode_reference_audio(codec, args.input)
+            except AudioError as exc:
+                raise UsageError(f"input: {exc}") from None
+            _write(args.out, lambda: np.save(args.out, codes))
             print(f"{args.out}: codes {list(codes.shape)}")
         else:
-            audio = codec.decode(torch.from_numpy(_read_codes(args.input, codec))[None])[0].cpu().numpy()
-            soundfile.write(args.out, audio, SAMPLE_RATE, subtype="FLOAT")
+            codes = _read_codes(args.input, codec)
+            if args.out.suffix[1:].upper() not in soundfile.available_formats():
+                raise UsageError(f"--out: the extension of {args.out.name!r} names no audio format; use .wav or .flac")
+            audio = codec.decode(torch.from_numpy(codes)[None])[0].cpu().numpy()
+            _write(args.out, lambda: soundfile.write(args.out, audio, SAMPLE_RATE, subtype="FLOAT"))
             print(f"{args.out}: {audio.size / SAMPLE_RATE:.2f} s at {SAMPLE_RATE} Hz")
     except (UsageError, CheckpointError, CodecConfigError, AudioError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -62,13 +73,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _write(out: Path, write: Callable[[], object]) -> None:
+    """Run ``write`` after creating the folder; a failure names ``--out`` and the reason."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write()
+    except (OSError, soundfile.LibsndfileError) as exc:
+        raise UsageError(f"--out: cannot write {out}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
 def _device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise UsageError(f"invalid device {name!r}: {exc}") from exc
+        raise UsageError(f"--device: invalid device {name!r}: {exc}") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("CUDA was requested but is not available")
+        raise UsageError("--device: CUDA was requested but is not available")
     return device
 
 
@@ -76,14 +96,14 @@ def _read_codes(path: Path, codec: Codec) -> np.ndarray:
     try:
         codes = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
-        raise UsageError(f"cannot read codes from {path}: {exc}") from exc
+        raise UsageError(f"input: cannot read codes from {path}: {exc}") from exc
     n = codec.config.num_codebooks
     if codes.ndim != 2 or codes.shape[0] != n:
-        raise UsageError(f"{path}: expected codes [{n}, T], got shape {list(codes.shape)}")
+        raise UsageError(f"input: {path}: expected codes [{n}, T], got shape {list(codes.shape)}")
     if not np.issubdtype(codes.dtype, np.integer):
-        raise UsageError(f"{path}: codes must be integers, got {codes.dtype}")
+        raise UsageError(f"input: {path}: codes must be integers, got {codes.dtype}")
     if codes.size and codes.min() < 0:
-        raise UsageError(f"{path}: codes must be non-negative")
+        raise UsageError(f"input: {path}: codes must be non-negative")
     return codes.astype(np.int64)
 
 

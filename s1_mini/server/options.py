@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -27,7 +28,9 @@ class ServerOptions:
                 raise EngineConfigError(f"{name}: {rule}, got {getattr(self, name)!r}")
 
         need("port", isinstance(self.port, int) and 0 <= self.port <= 65535, "must be 0..65535")
-        need("max_body_mb", isinstance(self.max_body_mb, (int, float)) and self.max_body_mb > 0, "must be > 0")
+        # inf would overflow the byte limit (int(inf)) on the first request
+        need("max_body_mb", isinstance(self.max_body_mb, (int, float)) and not isinstance(self.max_body_mb, bool)
+             and 0 < self.max_body_mb < math.inf, "must be a finite number > 0")
         need("max_concurrent_streams", isinstance(self.max_concurrent_streams, int) and self.max_concurrent_streams >= 0,
              "must be >= 0 (0 refuses streaming)")
         need("retry_after_s", isinstance(self.retry_after_s, int) and self.retry_after_s >= 0, "must be >= 0")

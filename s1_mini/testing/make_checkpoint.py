@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from s1_mini.checkpoint import CheckpointError
+from s1_mini.config import EngineConfigError, check_seed
 from s1_mini.model import ModelConfig, expected_shapes
 from s1_mini.tokenizer import BASE_SPECIAL_TOKENS, semantic_token, write_ranks
 
@@ -164,6 +165,18 @@ def make_checkpoint(out: Path, preset: str, seed: int, overrides: dict[str, Any]
     return out
 
 
+def _overrides(path: Path) -> dict[str, Any]:
+    try:
+        overrides = json.loads(path.read_text())
+    except OSError as exc:
+        raise CheckpointError(f"--config-json: cannot read {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"--config-json: {path} is not JSON ({exc})") from None
+    if not isinstance(overrides, dict):
+        raise CheckpointError("--config-json: must hold a JSON object")
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m s1_mini.testing.make_checkpoint", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -176,12 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-codec", action="store_true", help="do not write codec.pth")
     args = parser.parse_args(argv)
     try:
-        overrides = json.loads(args.config_json.read_text()) if args.config_json else None
-        if overrides is not None and not isinstance(overrides, dict):
-            raise CheckpointError("--config-json: must hold a JSON object")
+        check_seed(args.seed, "--seed")
+        overrides = _overrides(args.config_json) if args.config_json else None
         make_checkpoint(args.out, args.preset, args.seed, overrides, args.speaker_token, not args.no_codec)
-    except (CheckpointError, OSError, json.JSONDecodeError) as exc:
+    except (CheckpointError, EngineConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the inputs are checked above: what is left is writing --out
+        print(f"error: --out: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.preset} checkpoint (random weights) to {args.out}")
     return 0
