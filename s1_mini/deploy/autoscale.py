@@ -16,7 +16,7 @@ from typing import Any
 
 import botocore.session
 
-from s1_mini.deploy.aws import AwsContext, DeployError
+from s1_mini.deploy.aws import AwsContext, DeployError, check_number
 from s1_mini.deploy.deploy import describe_endpoint
 
 DIMENSION = "sagemaker:variant:DesiredInstanceCount"
@@ -60,8 +60,7 @@ def autoscale_endpoint(ctx: AwsContext, endpoint_name: str, *, variant_name: str
     if min_instances < 0 or max_instances < 1 or min_instances > max_instances:
         raise DeployError(f"instances: need 0 <= min <= max and max >= 1, got min {min_instances}, "
                           f"max {max_instances}")
-    if target <= 0:
-        raise DeployError(f"target: must be > 0, got {target}")
+    check_number("target", target, 0, above=True)
     if scale_in_cooldown < 0 or scale_out_cooldown < 0:
         raise DeployError("cooldown: scale-in and scale-out cooldowns must be >= 0 seconds")
     spec = metric_spec(metric, endpoint_name, variant_name)

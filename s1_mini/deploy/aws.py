@@ -9,6 +9,8 @@ them.
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -17,8 +19,23 @@ import boto3
 import botocore.config
 
 
+# s3://bucket[/key]; bucket names are 3-63 lower-case letters, digits, dots and hyphens
+S3_URI = re.compile(r"^s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?$")
+
+
 class DeployError(RuntimeError):
     """A deploy step that cannot go on; the message names what is wrong and what to do."""
+
+
+def check_number(name: str, value: float, low: float, high: float = math.inf, *, above: bool = False) -> None:
+    """Refuse anything but a finite number in ``[low, high]`` (``(low, high]`` with ``above``),
+    naming the option: a NaN passes every ``<`` test, and a NaN or negative poll interval
+    or timeout would make a wait loop spin or never end."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if number and (value > low if above else value >= low) and value <= high:
+        return
+    rule = f"{'>' if above else '>='} {low:g}" + (f" and <= {high:g}" if high != math.inf else "")
+    raise DeployError(f"{name}: must be {'' if number else 'a finite number '}{rule}, got {value!r}")
 
 
 @dataclass

@@ -30,10 +30,10 @@ from typing import Any
 
 import botocore.exceptions
 
-from s1_mini.deploy.aws import AwsContext, DeployError
+from s1_mini.deploy.aws import S3_URI, AwsContext, DeployError, check_number
+from s1_mini.deploy.deploy import NAME_RE
 
 JSONL = "application/jsonlines"
-_S3_URI = re.compile(r"^s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?$")
 DEFAULT_INSTANCE_TYPE = "ml.g5.xlarge"
 
 
@@ -53,7 +53,7 @@ class BatchResult:
 
 
 def split_s3_uri(uri: str, what: str = "s3-prefix") -> tuple[str, str]:
-    match = _S3_URI.match(uri or "")
+    match = S3_URI.match(uri or "")
     if not match:
         raise DeployError(f"{what}: {uri!r} is not an s3://bucket[/prefix] URI")
     return match.group(1), (match.group(2) or "").strip("/")
@@ -196,6 +196,14 @@ def batch(ctx: AwsContext, input_path: Path, s3_prefix: str, *, model: str | Non
     """Upload, transform (a job, or locally against a container), download and check. None in dry-run mode."""
     input_path = Path(input_path)
     bucket, prefix = split_s3_uri(s3_prefix)
+    check_number("instance-count", instance_count, 1)
+    check_number("invocation-timeout", invocation_timeout_s, 1, 3600)  # SageMaker's range
+    check_number("timeout", timeout_s, 0, above=True)
+    check_number("poll", poll_s, 0, above=True)
+    if job_name is not None and not NAME_RE.match(job_name):
+        raise DeployError(f"job-name: {job_name!r} must be 1-63 letters, digits and hyphens")
+    if local_container_url is not None and not local_container_url.startswith(("http://", "https://")):
+        raise DeployError(f"local-container-url: must be an http:// or https:// URL, got {local_container_url!r}")
     if not 1 <= max_payload_mb <= 100:
         raise DeployError("max-payload-mb: must be between 1 and 100")
     if not 1 <= max_concurrent_transforms:

@@ -11,6 +11,7 @@ import importlib
 import sys
 
 import botocore.exceptions
+from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
 
 from s1_mini.deploy.aws import AwsContext, DeployError
 
@@ -39,11 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        for name, url in (("endpoint-url", args.endpoint_url), ("runtime-endpoint-url", args.runtime_endpoint_url)):
+            # botocore would raise a bare ValueError on the first call instead
+            if url is not None and not (url.startswith(("http://", "https://"))
+                                        and (is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url))):
+                raise DeployError(f"{name}: must be an http:// or https:// URL, got {url!r}")
         ctx = AwsContext(region=args.region, profile=args.profile, endpoint_url=args.endpoint_url,
                          runtime_endpoint_url=args.runtime_endpoint_url, dry_run=args.dry_run)
         return args.run(args, ctx) or 0
     except DeployError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (botocore.exceptions.InvalidRegionError, botocore.exceptions.ProfileNotFound) as exc:
+        print(f"error: {'region' if isinstance(exc, botocore.exceptions.InvalidRegionError) else 'profile'}: {exc}",
+              file=sys.stderr)
         return 2
     except botocore.exceptions.ClientError as exc:
         error = exc.response.get("Error", {})

@@ -21,7 +21,7 @@ from typing import Any
 
 import botocore.exceptions
 
-from s1_mini.deploy.aws import AwsContext, DeployError
+from s1_mini.deploy.aws import AwsContext, DeployError, check_number
 
 DEFAULT_INSTANCE_TYPE = "ml.g5.xlarge"
 # SageMaker real-time hosting sizes of the GPU families S1-mini runs on.
@@ -167,16 +167,23 @@ def deploy_endpoint(ctx: AwsContext, endpoint_name: str, *, role_arn: str | None
     validate_instance_type(instance_type)
     if instance_count < 1:
         raise DeployError(f"instance_count: must be >= 1, got {instance_count}")
+    check_number("timeout", timeout, 0, above=True)
+    check_number("poll", poll, 0, above=True)
     environment = dict(environment or {})
     validate_environment(environment)
     if async_max_concurrent is not None and not async_output_path:
         raise DeployError("async_max_concurrent: needs --async-output-path (async inference)")
+    if async_max_concurrent is not None:
+        check_number("async_max_concurrent", async_max_concurrent, 1)
     if async_output_path and not async_output_path.startswith("s3://"):
         raise DeployError(f"async_output_path: must be an s3:// URL, got {async_output_path!r}")
     if blue_green and blue_green.mode not in ("ALL_AT_ONCE", "CANARY", "LINEAR"):
         raise DeployError(f"blue_green: mode must be ALL_AT_ONCE, CANARY or LINEAR, got {blue_green.mode!r}")
     if blue_green and blue_green.mode != "ALL_AT_ONCE" and not 1 <= (blue_green.step_percent or 0) <= 99:
         raise DeployError(f"blue_green: {blue_green.mode} needs a step of 1-99 percent (--traffic-step-percent)")
+    if blue_green:
+        check_number("traffic_wait_seconds", blue_green.wait_seconds, 0)
+        check_number("termination_wait_seconds", blue_green.termination_wait_seconds, 0)
 
     if model_package_arn and not ctx.dry_run:
         try:

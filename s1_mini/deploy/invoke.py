@@ -93,6 +93,8 @@ def invoke(ctx: AwsContext, endpoint: str, request: dict[str, Any], out: Path, *
     out = Path(out)
     if out.parent and not out.parent.exists():
         raise DeployError(f"out: folder {out.parent} does not exist; create it or pass another --out")
+    if out.is_dir():
+        raise DeployError(f"out: {out} is a directory; pass a file name such as {out / 'speech.wav'}")
     start = time.monotonic()
     try:
         if not stream:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,10 +22,9 @@ from typing import Any
 
 import botocore.exceptions
 
-from s1_mini.deploy.aws import AwsContext, DeployError
+from s1_mini.deploy.aws import S3_URI, AwsContext, DeployError, check_number
 from s1_mini.deploy.invoke import AUDIO_TYPES, describe_error, load_request
 
-_S3_URI = re.compile(r"^s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?$")
 
 
 @dataclass
@@ -47,7 +45,7 @@ class AsyncResult:
 
 
 def split_s3_uri(uri: str, what: str) -> tuple[str, str]:
-    match = _S3_URI.match(uri or "")
+    match = S3_URI.match(uri or "")
     if not match:
         raise DeployError(f"{what}: {uri!r} is not an s3://bucket/key URI")
     return match.group(1), (match.group(2) or "")
@@ -60,6 +58,8 @@ def invoke_async(ctx: AwsContext, endpoint: str, *, request: dict[str, Any] | No
     """Start one async invocation (uploading ``request`` first); None in dry-run mode."""
     if (request is None) == (input_location is None):
         raise DeployError("request: give exactly one of --text/--request (uploaded) or --input-location s3://...")
+    if invocation_timeout_s is not None:
+        check_number("invocation-timeout", invocation_timeout_s, 1, 3600)  # SageMaker's range
     if input_location is not None:
         split_s3_uri(input_location, "input-location")
     else:
@@ -119,9 +119,15 @@ def failure_message(body: bytes) -> str:
     return json.dumps(failure)[:500]
 
 
+def check_wait(timeout_s: float, poll_s: float) -> None:
+    check_number("timeout", timeout_s, 0, above=True)
+    check_number("poll", poll_s, 0, above=True)
+
+
 def wait_for_result(ctx: AwsContext, invocation: AsyncInvocation, *, timeout_s: float = 900, poll_s: float = 2,
                     out: Path | None = None) -> AsyncResult:
     """Poll S3 for the output (written to ``out``) or the failure object; a DeployError on failure or timeout."""
+    check_wait(timeout_s, poll_s)
     start = time.monotonic()
     while True:
         found = _get(ctx, invocation.output_location)
@@ -165,6 +171,8 @@ def run(args: argparse.Namespace, ctx: AwsContext) -> int:
         request = load_request(args.text, args.request, seed=args.seed, audio_format=args.audio_format)
     elif args.text is not None or args.request is not None:
         raise DeployError("input-location: give either --input-location or --text/--request, not both")
+    if args.wait:  # before the invocation, not after it
+        check_wait(args.timeout, args.poll)
     invocation = invoke_async(ctx, args.endpoint, request=request, input_location=args.input_location,
                               upload_prefix=args.upload_prefix, accept=args.accept, inference_id=args.inference_id,
                               invocation_timeout_s=args.invocation_timeout)

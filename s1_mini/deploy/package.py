@@ -97,6 +97,8 @@ def package_model(checkpoint_dir: str | Path, output: str | Path, *, code_dir: s
     entries = _plan(checkpoint_dir, code_dir, Path(requirements) if requirements else None)
     if not output.parent.is_dir():
         raise DeployError(f"output: directory {output.parent} does not exist")
+    if output.is_dir():
+        raise DeployError(f"output: {output} is a directory; pass a file name such as {output / 'model.tar.gz'}")
     total = sum(src.stat().st_size for src, _ in entries)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
     tmp = Path(tmp_name)

@@ -20,6 +20,7 @@ import botocore.exceptions
 
 from s1_mini.deploy.aws import AwsContext, DeployError
 from s1_mini.deploy.deploy import (
+    NAME_RE,
     parse_env,
     validate_environment,
     validate_instance_type,
@@ -106,6 +107,8 @@ def register_model(ctx: AwsContext, group_name: str, *, image_uri: str, model_da
                    commit: str | None = None, repository: str | None = None,
                    metadata: dict[str, str] | None = None) -> RegisterResult:
     """Create (if needed) the group ``group_name`` and a new model package version in it."""
+    if not NAME_RE.match(group_name or ""):
+        raise DeployError(f"group: {group_name!r} must be 1-63 letters, digits and hyphens")
     if approval_status not in APPROVAL_STATUSES:
         raise DeployError(f"approval_status: must be one of {', '.join(APPROVAL_STATUSES)}, got {approval_status!r}")
     if not image_uri:

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import botocore.exceptions
 
-from s1_mini.deploy.aws import AwsContext, DeployError
-from s1_mini.deploy.deploy import TAG_KEY, describe_endpoint
+from s1_mini.deploy.aws import AwsContext, DeployError, check_number
+from s1_mini.deploy.deploy import NAME_RE, TAG_KEY, describe_endpoint
 
 
 @dataclass
@@ -102,6 +102,10 @@ def teardown_endpoint(ctx: AwsContext, endpoint_name: str, *, delete_model_packa
                       yes: bool = False, confirm: Callable[[str], bool] | None = None,
                       timeout: float = 1800, poll: float = 15) -> TeardownPlan:
     """Delete the endpoint and what `deploy` created for it, after confirmation."""
+    if not NAME_RE.match(endpoint_name or ""):
+        raise DeployError(f"endpoint_name: {endpoint_name!r} must be 1-63 letters, digits and hyphens")
+    check_number("timeout", timeout, 0, above=True)
+    check_number("poll", poll, 0, above=True)
     plan = plan_teardown(ctx, endpoint_name, delete_model_packages)
     print(("[dry-run] would delete " if ctx.dry_run else "will delete:\n") + plan.describe(), file=ctx.out)
     if not yes and not ctx.dry_run:

@@ -15,7 +15,7 @@ from pathlib import Path
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
-from s1_mini.deploy.aws import AwsContext, DeployError
+from s1_mini.deploy.aws import S3_URI, AwsContext, DeployError, check_number
 from s1_mini.deploy.progress import byte_bar, sha256_file
 
 MiB = 1024 * 1024
@@ -32,11 +32,11 @@ class UploadResult:
 
 def parse_s3_uri(uri: str, file_name: str | None = None) -> tuple[str, str]:
     """``s3://bucket/key`` → (bucket, key); a key ending in ``/`` (or none) gets ``file_name``."""
-    if not uri.startswith("s3://") or len(uri) <= 5:
-        raise DeployError(f"s3 uri: must look like s3://bucket/key, got {uri!r}")
-    bucket, _, key = uri[5:].partition("/")
-    if not bucket:
-        raise DeployError(f"s3 uri: no bucket in {uri!r}")
+    match = S3_URI.match(uri or "")
+    if not match:
+        raise DeployError(f"s3 uri: must look like s3://bucket/key (a bucket name is 3-63 lower-case letters, "
+                          f"digits, dots and hyphens), got {uri!r}")
+    bucket, key = match.group(1), match.group(2) or ""
     if (not key or key.endswith("/")) and file_name:
         key += file_name
     if not key:
@@ -81,10 +81,13 @@ def upload_model(ctx: AwsContext, path: str | Path, s3_uri: str, *, chunk_mb: in
                  max_concurrency: int = 8, progress: bool = True) -> UploadResult:
     """Upload ``path`` to ``s3_uri`` unless an identical object is already there."""
     path = Path(path)
+    if path.is_dir():
+        raise DeployError(f"file: {path} is a directory; pass the model.tar.gz that `package` wrote")
     if not path.is_file():
         raise DeployError(f"file: {path} does not exist; run `package` first")
     if chunk_mb < 5:
         raise DeployError(f"chunk_mb: S3 multipart parts must be >= 5 MiB, got {chunk_mb}")
+    check_number("max_concurrency", max_concurrency, 1)
     bucket, key = parse_s3_uri(s3_uri, path.name)
     uri = f"s3://{bucket}/{key}"
     check_bucket_region(ctx, bucket)
