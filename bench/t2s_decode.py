@@ -20,7 +20,7 @@ import torch
 from s1_mini.compilation import compile_or_eager
 from s1_mini.model import load_text2semantic
 from s1_mini.prompt import build_prompt
-from s1_mini.runner import ModelRunner, SequenceState
+from s1_mini.runner import ModelRunner, SequenceState, batch_buckets
 from s1_mini.sampler import SamplingParams
 
 SENTENCE = "The quick brown fox jumps over the lazy dog, and then it runs far away. "
@@ -42,7 +42,7 @@ def prompt_of(tokenizer, model, tokens: int) -> torch.Tensor:
 def time_prefill(runner: ModelRunner, prompt: torch.Tensor, repeats: int = 7) -> float:
     times = []
     for i in range(repeats):
-        seq = SequenceState(prompt, 2048, SamplingParams(), torch.Generator(runner.device).manual_seed(i))
+        seq = SequenceState(prompt, 2048, SamplingParams(), i, torch.Generator(runner.device).manual_seed(i))
         runner.acquire(seq)
         sync()
         start = time.perf_counter()
@@ -54,7 +54,7 @@ def time_prefill(runner: ModelRunner, prompt: torch.Tensor, repeats: int = 7) ->
 
 
 def time_decode(runner: ModelRunner, prompt: torch.Tensor, batch: int, frames: int, warmup: int) -> float:
-    seqs = [SequenceState(prompt, frames + warmup + 4, SamplingParams(), torch.Generator(runner.device).manual_seed(b))
+    seqs = [SequenceState(prompt, frames + warmup + 4, SamplingParams(), b, torch.Generator(runner.device).manual_seed(b))
             for b in range(batch)]
     for s in seqs:
         runner.acquire(s)
@@ -90,14 +90,14 @@ def main() -> None:
                          max_seq_len=args.cache_len or model.config.max_seq_len)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "precision": args.precision, "compiled": args.compile}
+    result["buckets"] = batch_buckets(runner.max_batch_size)
     result["prefill_ms_30"] = time_prefill(runner, prompt_of(tok, model, 30))
     if runner.max_seq_len > 700:
         result["prefill_ms_600"] = time_prefill(runner, prompt_of(tok, model, 600))
     prompt = prompt_of(tok, model, 30)
-    if args.compile:
-        runner.compile(lambda fn: compile_or_eager(fn, "inductor", "reduce-overhead"))
+    if args.compile:  # inductor, then one CUDA graph per batch bucket (the engine's path)
         start = time.perf_counter()
-        time_decode(runner, prompt, 1, 2, 3)
+        runner.compile(lambda fn, dynamic: compile_or_eager(fn, "inductor", None, fullgraph=True, dynamic=dynamic))
         result["compile_s"] = time.perf_counter() - start
     for b in batches:
         result[f"decode_fps_b{b}"] = time_decode(runner, prompt, b, args.frames, warmup=8 if args.compile else 4)

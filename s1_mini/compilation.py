@@ -110,8 +110,15 @@ def resolve_backend(requested: str, device: torch.device) -> str | None:
     return "inductor"
 
 
+def without_cudagraphs(mode: str | None) -> str | None:
+    """The inductor mode to use for a step the runner captures in its own CUDA graphs:
+    inductor must not wrap it in cudagraph trees too (``reduce-overhead`` and
+    ``max-autotune`` do)."""
+    return {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+
+
 def compile_or_eager(fn: Callable[..., Any], backend: str | None, mode: str | None, *,
-                     fullgraph: bool = False) -> Callable[..., Any]:
+                     fullgraph: bool = False, dynamic: bool | None = None) -> Callable[..., Any]:
     """``fn`` compiled with ``backend`` (``None``: ``fn`` itself).
 
     If compiling fails (at the first call, or at a later recompile for new shapes), one
@@ -125,7 +132,7 @@ def compile_or_eager(fn: Callable[..., Any], backend: str | None, mode: str | No
     if backend is None:
         return fn
     kwargs = {"mode": mode} if backend == "inductor" else {}
-    compiled = torch.compile(fn, backend=backend, fullgraph=fullgraph, **kwargs)
+    compiled = torch.compile(fn, backend=backend, fullgraph=fullgraph, dynamic=dynamic, **kwargs)
     failed = False
 
     @functools.wraps(fn)

@@ -23,7 +23,7 @@ import torch
 
 from s1_mini.checkpoint import CheckpointError
 from s1_mini.codec import Codec, encode_reference_audio
-from s1_mini.compilation import compile_or_eager, resolve_backend
+from s1_mini.compilation import compile_or_eager, resolve_backend, without_cudagraphs
 from s1_mini.config import MAX_TIMEOUT_S, EngineConfig, check_seed
 from s1_mini.generation import GenerationError, resolve_max_new_tokens
 from s1_mini.model import DualARTransformer, load_text2semantic
@@ -134,7 +134,8 @@ class ProductionTTSEngine:
         max_seq_len = min(c.max_seq_len or mm.model.config.max_seq_len, mm.model.config.max_seq_len)
         self._runner = ModelRunner(mm.model, mm.tokenizer.im_end_id, self._batch_slots(max_seq_len), max_seq_len)
         if mm.compile_backend not in (None, "eager"):
-            self._runner.compile(lambda fn: compile_or_eager(fn, mm.compile_backend, c.compile_mode))
+            self._runner.compile(lambda fn, dynamic: compile_or_eager(
+                fn, mm.compile_backend, without_cudagraphs(c.compile_mode), fullgraph=True, dynamic=dynamic))
         self.voices = VoiceRegistry(c.voice_registry_dir, self._encode_reference,
                                     max_cached=c.reference_cache_size, max_voices=c.voice_registry_size)
         self._scheduler = Scheduler(self._runner, mm.codec, c.max_queue_size, c.stream_chunk_frames,

@@ -54,6 +54,7 @@ def generate(model: DualARTransformer, prompts: Sequence[Tensor], im_end_id: int
     for p in param_list:
         p.validate()
     seqs = [SequenceState(prompt, resolve_max_new_tokens(prompt.shape[1], n, max_seq_len), p,
+                          None if generators is None else generators[b].initial_seed() % 2**63,
                           None if generators is None else generators[b])
             for b, (prompt, n, p) in enumerate(zip(prompts, limits, param_list))]
     needed = max(s.prompt.shape[1] + s.max_new_tokens for s in seqs)

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,6 +269,14 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def run_block(layer: Block, x: Tensor, rope: Tensor, cache: "KVCache", slots: Tensor | None,
+              pos: Tensor, mask: Tensor) -> Tensor:
+    return layer(x, rope, cache, slots, pos, mask)
+
+
+BlockFn = Callable[[Block, Tensor, Tensor, "KVCache", "Tensor | None", Tensor, Tensor], Tensor]
+
+
 class KVCache:
     """Static K/V storage ``[slots, kv_heads, length, head_dim]`` for one layer.
 
@@ -287,11 +296,12 @@ class KVCache:
         which returns views instead of gathered copies."""
         B = pos.shape[0]
         if slots is None:
-            keys, values = self.k[:B], self.v[:B]
+            # Index the whole cache, not a slice of it: compiled, a write through the
+            # slice view copied the slice (every slot's cache in the batch) each layer.
             rows = torch.arange(B, device=pos.device)[:, None].expand_as(pos)
-            keys[rows, :, pos] = k
-            values[rows, :, pos] = v
-            return keys, values
+            self.k[rows, :, pos] = k
+            self.v[rows, :, pos] = v
+            return self.k[:B], self.v[:B]
         rows = slots[:, None].expand_as(pos)
         self.k[rows, :, pos] = k
         self.v[rows, :, pos] = v
@@ -377,17 +387,19 @@ class DualARTransformer(nn.Module):
         return x
 
     def forward_slow(self, tokens: Tensor, pos: Tensor, slots: Tensor | None = None,
-                     all_positions: bool = False) -> SlowOutput:
+                     all_positions: bool = False, block: BlockFn = run_block) -> SlowOutput:
         """Run the slow stack over ``tokens [B, N+1, T]`` at absolute positions
         ``pos [B, T]`` in cache ``slots [B]`` (None: slots 0..B-1); return the last
         position's logits and fast input (§4.7), or every position's with
-        ``all_positions`` (for tests). Prefill is T = prompt length, a decode step T = 1."""
+        ``all_positions`` (for tests). Prefill is T = prompt length, a decode step T = 1.
+        Every layer runs through ``block`` (a compiled ``run_block``: one compile serves
+        all layers)."""
         cache_len = self.slow_caches[0].k.shape[2]
         mask = (torch.arange(cache_len, device=pos.device)[None, None, :] <= pos[:, :, None])[:, None]
         rope = self.freqs_cis[pos]
         x = self.embed(tokens)
         for layer, cache in zip(self.layers, self.slow_caches):
-            x = layer(x, rope, cache, slots, pos, mask)
+            x = block(layer, x, rope, cache, slots, pos, mask)
         z = x if all_positions else x[:, -1]
         head = self.embeddings.weight if self.config.tie_word_embeddings else self.output.weight
         return SlowOutput(logits=F.linear(self.norm(z), head), fast_input=self.fast_project_in(z))
@@ -395,7 +407,7 @@ class DualARTransformer(nn.Module):
     # -- fast model --------------------------------------------------------------
 
     def forward_fast(self, x: Tensor, position: int, slots: Tensor | None = None,
-                     logits: bool = True) -> Tensor | None:
+                     logits: bool = True, block: BlockFn = run_block) -> Tensor | None:
         """One fast position for a batch: ``x [B, fast_dim]`` at fast position
         ``position`` → logits ``[B, fast_logit_size]`` (§4.9). The position-0 logits
         are discarded by the reference, so callers pass ``logits=False`` there."""
@@ -406,7 +418,7 @@ class DualARTransformer(nn.Module):
         rope = self.fast_freqs_cis[pos]
         h = x[:, None]
         for layer, cache in zip(self.fast_layers, self.fast_caches):
-            h = layer(h, rope, cache, slots, pos, mask)
+            h = block(layer, h, rope, cache, slots, pos, mask)
         if not logits:
             return None
         limit = self.config.fast_logit_size

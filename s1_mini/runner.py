@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from s1_mini.model import DualARTransformer
-from s1_mini.sampler import BatchSampling, SamplingParams, sample
+from s1_mini.model import BlockFn, DualARTransformer, run_block
+from s1_mini.sampler import BatchSampling, NoiseFn, SamplingParams, counter_noise, generator_noise, sample
+
+SampleFn = Callable[[Tensor, Tensor | None, BatchSampling, int], Tensor]
 
 # Decode steps look back this many frames for the repetition penalty (§5.5).
 PENALTY_WINDOW = 16
@@ -22,7 +24,8 @@ PENALTY_WINDOW = 16
 
 def decode_frame(model: DualARTransformer, tokens: Tensor, pos: Tensor, slots: Tensor | None,
                  sampling: BatchSampling, slow_history: Tensor | None,
-                 fast_history: Tensor | None) -> Tensor:
+                 fast_history: Tensor | None, sample_fn: SampleFn = sample,
+                 block: BlockFn = run_block) -> Tensor:
     """One frame for each sequence of the batch (§5.3).
 
     ``tokens [B, N+1, T]`` at positions ``pos [B, T]``; ``slow_history [B, H]`` are the
@@ -31,10 +34,10 @@ def decode_frame(model: DualARTransformer, tokens: Tensor, pos: Tensor, slots: T
     the token, then codebooks 0..N-1.
     """
     c = model.config
-    out = model.forward_slow(tokens, pos, slots)
-    token = sample(out.logits, slow_history, sampling)
+    out = model.forward_slow(tokens, pos, slots, block=block)
+    token = sample_fn(out.logits, slow_history, sampling, 0)
     # The fast stack sees u0 at position 0; its logits there are discarded.
-    model.forward_fast(out.fast_input, 0, slots, logits=False)
+    model.forward_fast(out.fast_input, 0, slots, logits=False, block=block)
     # Codebook 0 = token - S0, clamped below at 0 as in the reference. Deviation: a
     # token past the semantic range (which crashes the reference with an index error)
     # also gives 0.
@@ -42,36 +45,97 @@ def decode_frame(model: DualARTransformer, tokens: Tensor, pos: Tensor, slots: T
     code = torch.where((code >= 0) & (code < c.codebook_size), code, 0)
     codes = [code]
     for k in range(1, c.num_codebooks):
-        logits = model.forward_fast(model.fast_embeddings(code), k, slots)
-        code = sample(logits, None if fast_history is None else fast_history[:, k], sampling)
+        logits = model.forward_fast(model.fast_embeddings(code), k, slots, block=block)
+        code = sample_fn(logits, None if fast_history is None else fast_history[:, k], sampling, k)
         codes.append(code)
     return torch.stack([token, *codes], dim=1)
 
 
-def penalty_window(history: Tensor, step: int) -> Tensor:
-    """The window of decode step ``step`` over ``history [..., N+1, steps]``: columns
-    0..15 before step 16 (not-yet-written zeros included), else the 16 previous."""
-    start = max(0, step - PENALTY_WINDOW)
-    return history[..., start:start + PENALTY_WINDOW]
+class SlotState:
+    """What a decode step needs of every cache slot, on the model's device, so that a
+    step reads and advances it without the host (and can be replayed as a CUDA graph).
+
+    Per slot: the last frame (the next step's input), the next position, the decode
+    step (for counter noise), the sampling parameters, the seed, whether it is greedy,
+    and the penalty window as a ring of the last ``PENALTY_WINDOW`` frames. The ring
+    holds the same ids as the reference's window (§5.5): before step 16 the frames so
+    far plus zeros, then the 16 previous; the codebooks' penalty treats it as a set.
+    """
+
+    def __init__(self, slots: int, width: int, max_pos: int, dtype: torch.dtype, device: torch.device) -> None:
+        def zeros(*shape: int, dtype: torch.dtype = torch.long) -> Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.max_pos = max_pos
+        self.last = zeros(slots, width)
+        self.pos = zeros(slots)
+        self.step = zeros(slots)
+        self.ring = zeros(slots, width, PENALTY_WINDOW)
+        self.seed = zeros(slots)
+        self.greedy = zeros(slots, dtype=torch.bool)
+        self.temperature = zeros(slots, dtype=dtype)
+        self.top_p = zeros(slots, dtype=dtype)
+        self.penalty = zeros(slots, dtype=dtype)
+
+    def reset(self, slot: int, frame: Tensor, pos: int, params: SamplingParams, seed: int | None) -> None:
+        """A sequence enters ``slot`` after its prefill produced ``frame`` at ``pos - 1``."""
+        self.last[slot] = frame
+        self.pos[slot] = pos
+        self.step[slot] = 0
+        self.ring[slot] = 0
+        self.seed[slot] = (seed or 0) % 2**63
+        self.greedy[slot] = seed is None
+        t, p, r = params.effective()
+        self.temperature[slot], self.top_p[slot], self.penalty[slot] = t, p, r
+
+    def sampling(self, rows: int, noise: NoiseFn | None) -> BatchSampling:
+        """The first ``rows`` slots' parameters; ``noise=None``: counter noise."""
+        if noise is None:
+            noise = counter_noise(self.seed[:rows], self.step[:rows])
+        return BatchSampling(self.temperature[:rows, None], self.top_p[:rows, None], self.penalty[:rows, None],
+                             noise, self.greedy[:rows])
+
+    def advance(self, rows: int, frames: Tensor) -> None:
+        """Record ``frames [rows, N+1]`` as the first ``rows`` slots' newest frames. Free
+        slots run along on dummy state: their position stops at the cache's end."""
+        column = (self.step[:rows] % PENALTY_WINDOW)[:, None, None].expand(-1, frames.shape[1], 1)
+        self.ring[:rows].scatter_(2, column, frames[:, :, None])
+        self.last[:rows] = frames
+        self.pos[:rows] = (self.pos[:rows] + 1).clamp(max=self.max_pos)
+        self.step[:rows] += 1
+
+
+def decode_step(model: DualARTransformer, state: SlotState, rows: int, noise: NoiseFn | None = None,
+                sample_fn: SampleFn = sample, block: BlockFn = run_block) -> Tensor:
+    """One frame for slots ``0..rows-1`` from their state, which it then advances.
+    Returns the frames ``[rows, N+1]``. Pure tensor work, so it can be captured in a
+    CUDA graph (``noise=None``: counter noise)."""
+    window = state.ring[:rows]
+    # The slow token's penalty ids are the window's first column, all N+1 rows of it,
+    # as in the reference (§5.5): in the ring, column 0 until it wraps, then the oldest.
+    step = state.step[:rows]
+    first = torch.where(step >= PENALTY_WINDOW, step % PENALTY_WINDOW, 0)
+    slow_history = window.gather(2, first[:, None, None].expand(-1, window.shape[1], 1))[:, :, 0]
+    frames = decode_frame(model, state.last[:rows, :, None], state.pos[:rows, None], None,
+                          state.sampling(rows, noise), slow_history, window[:, 1:], sample_fn, block)
+    state.advance(rows, frames)
+    return frames
 
 
 @dataclass(eq=False)  # identity, like the slot it holds
 class SequenceState:
-    """One prompt being generated in one cache slot."""
+    """One prompt being generated in one cache slot. ``seed=None``: greedy. The
+    ``generator`` (seeded from ``seed`` by whoever builds the state) serves the eager
+    runner, whose draws equal the reference's; a compiled runner uses counter noise."""
 
     prompt: Tensor  # [N+1, T] int32
     max_new_tokens: int  # frames, counting the final end frame (§5.2)
     params: SamplingParams
-    generator: torch.Generator | None  # None: greedy
+    seed: int | None
+    generator: torch.Generator | None = None
     slot: int = -1
-    frames: list[Tensor] = field(default_factory=list)  # generated frames [N+1]
-    history: Tensor | None = None  # penalty history [N+1, steps]
+    frames: list[Tensor] = field(default_factory=list)  # generated frames [N+1], on the CPU
     finished: bool = False
-
-    @property
-    def steps(self) -> int:
-        """Decode steps done (the prefill frame is not one)."""
-        return max(0, len(self.frames) - 1)
 
     @property
     def committed(self) -> int:
@@ -87,7 +151,24 @@ class SequenceState:
         return torch.stack(self.frames[start:end], dim=1)[1:].to(torch.int32)
 
 
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """Row counts a compiled runner captures a CUDA graph for: powers of two, then the
+    slot count. A step runs the smallest bucket holding every occupied slot."""
+    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
+    return sizes + [max_batch_size]
+
+
 class ModelRunner:
+    """Owns the KV caches and the slot state; prefills one sequence into a slot and
+    advances every running sequence one frame per ``decode``.
+
+    A step always runs the slots ``0..rows-1`` (``rows`` >= the highest occupied slot
+    + 1; free slots in that range run on dummy state), so no cache is gathered. Eager:
+    ``rows`` is exactly that and seeded rows draw from their generators. Compiled
+    (``compile``): one captured CUDA graph per bucket of ``rows`` on CUDA, counter
+    noise, and the host only replays a graph and reads the frames back.
+    """
+
     def __init__(self, model: DualARTransformer, im_end_id: int, max_batch_size: int, max_seq_len: int) -> None:
         self.model = model
         self.im_end_id = im_end_id
@@ -96,28 +177,64 @@ class ModelRunner:
         self.device = model.embeddings.weight.device
         self.dtype = model.embeddings.weight.dtype
         self.free_slots = list(range(max_batch_size))
+        self.occupied: dict[int, SequenceState] = {}
         # Test hook: called at the start of every prefill and decode step (fault injection).
         self.fault_hook: Callable[[str], None] | None = None
-        self.step_fn = decode_frame  # the per-frame decode step; compile() may wrap it
-        # Static batch: every step runs all slots (idle ones on dummy input), so a
-        # compiled step sees one shape and one cache layout, whatever joins or leaves.
-        self.static_batch = False
-        self._idle: SequenceState | None = None
+        self.sample_fn: SampleFn = sample
+        self.decode_block: BlockFn = run_block
+        self.prefill_block: BlockFn = run_block
+        self.counter_noise = False  # compiled: counter noise instead of generators
+        self.buckets: list[int] = []
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         model.setup_caches(max_batch_size, max_seq_len)
+        with torch.inference_mode():  # like every tensor a step makes: one kind of input for compiled code
+            self.state = SlotState(max_batch_size, model.config.num_codebooks + 1, max_seq_len - 1,
+                                   self.dtype, self.device)
 
-    def compile(self, wrap: Callable[[Callable], Callable]) -> None:
-        """Wrap the decode step (e.g. with torch.compile) and switch to the static batch.
-        The prefill stays eager, as in the reference: its length changes with every prompt."""
-        self.step_fn = wrap(decode_frame)
-        self.static_batch = True
+    @torch.inference_mode()
+    def compile(self, wrap: Callable[[Callable, bool], Callable]) -> None:
+        """Compile (``wrap(fn, dynamic)``, e.g. torch.compile) the repeated regions, not
+        the whole step: the transformer block every layer of both stacks runs, and the
+        sampler; static shapes for decode (one compile per bucket: dynamic-shape kernels
+        ran a 32-row step 3x slower per row than static 64-row ones), dynamic lengths
+        for the prefill's block.
+        Inductor's time grows with the graph: a whole frame (68 block calls, 10 draws)
+        took over 3 minutes per batch shape on an H100. Then, on CUDA, capture the whole
+        step, compiled regions and the glue between them, as one CUDA graph per bucket,
+        now, before any request: running a step moves every slot's state."""
+        # Shapes that vary (rows per bucket, prompt length, codebook index) cost a few
+        # compiles of each region; more than dynamo's default limit of 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.decode_block = wrap(run_block, False)
+        self.prefill_block = wrap(run_block, True)
+        self.sample_fn = wrap(sample, False)
+        self.counter_noise = True
+        self.buckets = batch_buckets(self.max_batch_size)
+        if self.device.type != "cuda":
+            return
+        pool = torch.cuda.graph_pool_handle()
+        for rows in reversed(self.buckets):  # the largest first: its memory is reused by the rest
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # compile and settle allocations outside the capture
+                    decode_step(self.model, self.state, rows, None, self.sample_fn, self.decode_block)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                frames = decode_step(self.model, self.state, rows, None, self.sample_fn, self.decode_block)
+            self.graphs[rows] = (graph, frames)
+        torch.cuda.synchronize()
 
     def acquire(self, seq: SequenceState) -> None:
         self.free_slots.sort()
         seq.slot = self.free_slots.pop(0)
+        self.occupied[seq.slot] = seq
 
     def release(self, seq: SequenceState) -> None:
         if seq.slot >= 0:
             self.free_slots.append(seq.slot)
+            del self.occupied[seq.slot]
             seq.slot = -1
 
     @torch.inference_mode()
@@ -126,57 +243,44 @@ class ModelRunner:
         if self.fault_hook:
             self.fault_hook("prefill")
         T = seq.prompt.shape[1]
-        sampling = BatchSampling.build([seq.params], None if seq.generator is None else [seq.generator],
-                                       self.dtype, self.device)
+        params = [seq.params]
+        if seq.seed is None:
+            sampling = BatchSampling.build(params, None, self.dtype, self.device)
+        elif self.counter_noise:
+            sampling = BatchSampling.build(params, None, self.dtype, self.device)
+            sampling.noise = counter_noise(torch.tensor([seq.seed], device=self.device),
+                                           torch.tensor([-1], device=self.device))
+        else:
+            sampling = BatchSampling.build(params, [seq.generator], self.dtype, self.device)
         frame = decode_frame(self.model, seq.prompt[None].to(self.device).long(),
                              torch.arange(T, device=self.device)[None],
-                             torch.tensor([seq.slot], device=self.device), sampling, None, None)
-        seq.frames.append(frame[0])
-        seq.history = torch.zeros((frame.shape[1], max(PENALTY_WINDOW, seq.max_new_tokens - 1)),
-                                  dtype=torch.long, device=self.device)
+                             torch.tensor([seq.slot], device=self.device), sampling, None, None,
+                             block=self.prefill_block)[0]
+        self.state.reset(seq.slot, frame, T, seq.params, seq.seed)
+        seq.frames.append(frame.cpu())
         seq.finished = seq.max_new_tokens <= 1
 
     @torch.inference_mode()
     def decode(self, seqs: Sequence[SequenceState]) -> None:
-        """One decode step for every sequence in ``seqs``; each gets one frame."""
+        """One decode step for every sequence in ``seqs`` (every occupied slot runs; a
+        finished sequence still holding its slot gets a frame it ignores)."""
         if self.fault_hook:
             self.fault_hook("decode")
-        if self.static_batch:  # rows in slot order: no gather, one shape
-            rows = [self._idle_row(seqs)] * self.max_batch_size
-            for s in seqs:
-                rows[s.slot] = s
-            slot_tensor = None
+        rows = max(self.occupied) + 1
+        if self.graphs:
+            rows = next(b for b in self.buckets if b >= rows)
+            graph, frames = self.graphs[rows]
+            graph.replay()
+        elif self.counter_noise:
+            frames = decode_step(self.model, self.state, rows, None, self.sample_fn, self.decode_block)
         else:
-            rows = list(seqs)
-            slots = [s.slot for s in rows]
-            slot_tensor = None if slots == list(range(len(slots))) else torch.tensor(slots, device=self.device)
-        windows = torch.stack([penalty_window(s.history, s.steps) for s in rows])
-        generators = [s.generator for s in rows]
-        greedy = [g is None for g in generators]
-        if any(greedy) and not all(greedy):
-            raise ValueError("greedy and sampled sequences cannot share a decode step")
-        sampling = BatchSampling.build([s.params for s in rows], None if all(greedy) else generators,
-                                       self.dtype, self.device)
-        tokens = torch.stack([s.frames[-1] for s in rows])[:, :, None]
-        pos = torch.tensor([[s.prompt.shape[1] + s.steps] for s in rows], device=self.device)
-        frames = self.step_fn(self.model, tokens, pos, slot_tensor, sampling,
-                              slow_history=windows[:, :, 0], fast_history=windows[:, 1:, :])
-        ends = (frames[:, 0] == self.im_end_id).tolist()
-        for s, frame, end in zip(rows, frames, ends):
-            if s is self._idle:
-                continue
-            s.history[:, s.steps] = frame
+            generators = [None] * rows
+            for slot, s in self.occupied.items():
+                generators[slot] = s.generator
+            frames = decode_step(self.model, self.state, rows, generator_noise(generators), self.sample_fn,
+                                 self.decode_block)
+        frames = frames.cpu()
+        for s in seqs:
+            frame = frames[s.slot]
             s.frames.append(frame)
-            s.finished = end or len(s.frames) >= s.max_new_tokens
-
-    def _idle_row(self, seqs: Sequence[SequenceState]) -> SequenceState:
-        """The dummy row run in free slots of a static batch: position 0 of its own slot
-        (which the next prefill there overwrites), results dropped."""
-        if self._idle is None:
-            n = self.model.config.num_codebooks + 1
-            self._idle = SequenceState(torch.zeros((n, 0), dtype=torch.int32), 2, SamplingParams(), None)
-            self._idle.frames.append(torch.zeros(n, dtype=torch.long, device=self.device))
-            self._idle.history = torch.zeros((n, PENALTY_WINDOW), dtype=torch.long, device=self.device)
-            self._idle_generator = torch.Generator(self.device)
-        self._idle.generator = None if seqs[0].generator is None else self._idle_generator
-        return self._idle
+            s.finished = int(frame[0]) == self.im_end_id or len(s.frames) >= s.max_new_tokens

@@ -6,7 +6,7 @@ different temperatures, top-p, penalties and seeds can share a decode step.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,22 +46,94 @@ class SamplingParams:
         return temperature, bf16_round(self.top_p), bf16_round(self.repetition_penalty)
 
 
+# Exponential noise for one draw: ``noise(probs [B, V], draw) -> [B, V]``, where
+# ``draw`` numbers the draws of one frame (0 = the slow token, k = codebook k).
+NoiseFn = Callable[[Tensor, int], Tensor]
+
+
 @dataclass
 class BatchSampling:
-    """Per-row effective parameters ``[B, 1]`` in the logits dtype, and per-row RNGs
-    (``generators=None``: greedy, i.e. argmax of the penalized logits)."""
+    """Per-row effective parameters ``[B, 1]`` in the logits dtype and the noise source
+    (``noise=None``: every row greedy, i.e. argmax of the penalized logits;
+    ``greedy [B]``: rows drawn greedily although a noise source is given)."""
 
     temperature: Tensor
     top_p: Tensor
     repetition_penalty: Tensor
-    generators: Sequence[torch.Generator] | None
+    noise: NoiseFn | None
+    greedy: Tensor | None = None
 
     @classmethod
-    def build(cls, params: Sequence[SamplingParams], generators: Sequence[torch.Generator] | None,
+    def build(cls, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None] | None,
               dtype: torch.dtype, device: torch.device | str) -> "BatchSampling":
         values = torch.tensor([p.effective() for p in params], dtype=torch.float32)
         t, p, r = values.to(device=device, dtype=dtype).unsqueeze(-1).unbind(1)
-        return cls(t, p, r, generators)
+        return cls(t, p, r, None if generators is None else generator_noise(generators))
+
+
+def generator_noise(generators: Sequence[torch.Generator | None]) -> NoiseFn:
+    """Row ``b`` draws from ``generators[b]`` in call order, as the reference draws from
+    its seeded global RNG (a row without a generator gets ones: no effect on argmax).
+    A Python loop over rows: eager only."""
+
+    def noise(probs: Tensor, draw: int) -> Tensor:
+        out = torch.ones_like(probs)
+        for row, generator in enumerate(generators):
+            if generator is not None:
+                out[row].exponential_(1, generator=generator)
+        return out
+
+    return noise
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """``x * c mod 2**32`` for int64 ``x`` in [0, 2**32), in two 16-bit halves of ``c``
+    so that no product overflows int64 (signed overflow is not defined on every backend)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (the "lowbias32" finalizer) of int64 values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_noise(seed: Tensor, step: Tensor) -> NoiseFn:
+    """Noise that is a pure function of (seed, step, draw, vocabulary id) per row:
+    ``seed [B]`` int64 >= 0, ``step [B]`` the row's decode step (-1: the prefill).
+
+    Deviation from the reference (whose seeded draws come from one global RNG stream):
+    no RNG state, so the whole decode step, sampling included, can be replayed as a CUDA
+    graph, and a seeded request gives the same codes alone or in any batch."""
+
+    def noise(probs: Tensor, draw: int) -> Tensor:
+        key = _mix32(_mix32(seed & _M32) ^ (seed >> 32))
+        key = _mix32(key ^ ((step * 64 + draw) & _M32))
+        ids = torch.arange(probs.shape[-1], device=probs.device)
+        bits = _mix32(key[:, None] ^ _mix32(ids)[None])
+        uniform = ((bits >> 8).to(torch.float32) + 0.5) * 2.0 ** -24  # in (0, 1), never 0 or 1
+        return (-torch.log(uniform)).to(probs.dtype)
+
+    return noise
+
+
+@torch.library.custom_op("s1_mini::cumsum_last_dim", mutates_args=())
+def cumsum_last_dim(x: Tensor) -> Tensor:
+    """``torch.cumsum(x, -1)``, opaque to inductor, which then calls the ATen kernel:
+    inductor's own scan fails to generate code for a batch of vocabulary-sized rows
+    (torch 2.11: SplitScan "list indices must be integers", or "NYI TritonSplitDimKernel")."""
+    return torch.cumsum(x, dim=-1)
+
+
+@cumsum_last_dim.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
 
 
 def apply_repetition_penalty(logits: Tensor, history: Tensor, penalty: Tensor) -> Tensor:
@@ -72,7 +144,7 @@ def apply_repetition_penalty(logits: Tensor, history: Tensor, penalty: Tensor) -
     return logits.scatter(1, history, picked)
 
 
-def sample(logits: Tensor, history: Tensor | None, s: BatchSampling) -> Tensor:
+def sample(logits: Tensor, history: Tensor | None, s: BatchSampling, draw: int = 0) -> Tensor:
     """Draw one id per row of ``logits [B, V]``; returns int64 ``[B]``.
 
     Order as in the reference: penalty, then top-p on the untempered distribution
@@ -82,15 +154,13 @@ def sample(logits: Tensor, history: Tensor | None, s: BatchSampling) -> Tensor:
     if history is not None:
         logits = apply_repetition_penalty(logits, history.long(), s.repetition_penalty)
     sorted_logits, order = torch.sort(logits, descending=True)
-    cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+    cumulative = cumsum_last_dim(F.softmax(sorted_logits, dim=-1))
     remove = cumulative > s.top_p
     remove[:, 0] = False
     remove = remove.scatter(1, order, remove)
     logits = logits.masked_fill(remove, float("-inf"))
     probs = F.softmax(logits / s.temperature, dim=-1)
-    if s.generators is None:
+    if s.noise is None:
         return probs.argmax(dim=-1)
-    noise = torch.empty_like(probs)
-    for row, generator in enumerate(s.generators):
-        noise[row].exponential_(1, generator=generator)
-    return (probs / noise).argmax(dim=-1)
+    drawn = (probs / s.noise(probs, draw)).argmax(dim=-1)
+    return drawn if s.greedy is None else torch.where(s.greedy, probs.argmax(dim=-1), drawn)

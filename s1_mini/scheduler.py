@@ -228,7 +228,10 @@ class Scheduler:
 
     def _start_piece(self, r: Request) -> None:
         """Prefill the request's current text piece into a free slot."""
-        r.seq = SequenceState(r.prompts[r.piece], r.max_new_tokens, r.params, r.generator)
+        # The generator carries the request's seed; each piece gets its own counter-noise
+        # seed (a compiled runner), while an eager runner draws every piece from it in turn.
+        seed = (r.generator.initial_seed() + r.piece * 0x9E3779B97F4A7C15) % 2**63
+        r.seq = SequenceState(r.prompts[r.piece], r.max_new_tokens, r.params, seed, r.generator)
         r.emitted = 0
         self.runner.acquire(r.seq)
         start = time.perf_counter()

@@ -1,0 +1,73 @@
+"""The compiled runner's counter noise and its batch-independence (CPU)."""
+
+import numpy as np
+import torch
+
+from s1_mini.model import load_text2semantic
+from s1_mini.prompt import build_prompt
+from s1_mini.runner import ModelRunner, SequenceState
+from s1_mini.sampler import BatchSampling, SamplingParams, counter_noise, sample
+from s1_mini.testing.make_checkpoint import make_checkpoint
+
+
+def test_counter_noise_is_a_function_of_seed_step_draw_and_id():
+    probs = torch.full((3, 50), 1 / 50)
+    noise = counter_noise(torch.tensor([5, 6, 5]), torch.tensor([0, 0, 0]))
+    a, b = noise(probs, 0), noise(probs, 0)
+    assert torch.equal(a, b)  # no state
+    assert torch.equal(a[0], a[2]) and not torch.equal(a[0], a[1])  # seed decides, not the row
+    assert not torch.equal(a, noise(probs, 1))  # each draw of a frame differs
+    later = counter_noise(torch.tensor([5, 6, 5]), torch.tensor([1, 1, 1]))(probs, 0)
+    assert not torch.equal(a, later)  # each step differs
+    alone = counter_noise(torch.tensor([6]), torch.tensor([0]))(probs[:1], 0)
+    assert torch.equal(alone[0], a[1])  # the same row alone or in a batch
+    assert torch.isfinite(a).all() and (a > 0).all()
+    huge = counter_noise(torch.tensor([2**63 - 1]), torch.tensor([-1]))(probs[:1], 9)
+    assert torch.isfinite(huge).all() and (huge > 0).all()
+
+
+def test_counter_noise_draws_follow_the_distribution():
+    """The exponential race with counter noise samples from softmax(logits / T)."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 12) * 2
+    n = 20000
+    s = BatchSampling.build([SamplingParams(temperature=1.0, top_p=1.0, repetition_penalty=1.0)] * n, None,
+                            torch.float32, "cpu")
+    s.noise = counter_noise(torch.arange(n), torch.zeros(n, dtype=torch.long))
+    ids = sample(logits.expand(n, -1).clone(), None, s)
+    empirical = np.bincount(ids.numpy(), minlength=12) / n
+    expected = torch.softmax(logits[0] / SamplingParams(1.0).effective()[0], -1).numpy()
+    assert 0.5 * np.abs(empirical - expected).sum() < 0.02
+
+
+def _run(model, tok, runner: ModelRunner, texts: list[str], seeds: list[int | None]) -> list[torch.Tensor]:
+    seqs = [SequenceState(build_prompt(tok, t, [], model.config.num_codebooks, model.config.codebook_size),
+                          24, SamplingParams(), seed, None if seed is None else torch.Generator().manual_seed(seed))
+            for t, seed in zip(texts, seeds)]
+    for s in seqs:
+        runner.acquire(s)
+        runner.prefill(s)
+    while any(not s.finished for s in seqs):
+        runner.decode([s for s in seqs if not s.finished])
+    for s in seqs:
+        runner.release(s)
+    return [s.codes() for s in seqs]
+
+
+def test_compiled_runner_greedy_equals_eager_and_seeds_ignore_the_batch(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt", "tiny", seed=0, codec=False)
+    model, tok = load_text2semantic(ckpt)
+    texts = ["First sentence here.", "A second, longer sentence for the batch.", "Third!", "Fourth one."]
+    eager = ModelRunner(model, tok.im_end_id, 4, 256)
+    greedy_eager = _run(model, tok, eager, texts, [None] * 4)
+    compiled = ModelRunner(model, tok.im_end_id, 4, 256)
+    compiled.compile(lambda fn, dynamic: fn)  # the compiled path's state and noise, not compiled
+    greedy_compiled = _run(model, tok, compiled, texts, [None] * 4)
+    for a, b in zip(greedy_eager, greedy_compiled):
+        assert torch.equal(a, b)
+    batch = _run(model, tok, compiled, texts, [11, 12, 13, 14])
+    alone = [_run(model, tok, compiled, [t], [seed])[0] for t, seed in zip(texts, [11, 12, 13, 14])]
+    mixed = _run(model, tok, compiled, texts[:2], [None, 12])  # greedy and seeded rows share steps
+    for a, b in zip(batch, alone):
+        assert torch.equal(a, b)
+    assert torch.equal(mixed[0], greedy_eager[0]) and torch.equal(mixed[1], alone[1])
