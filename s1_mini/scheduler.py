@@ -141,7 +141,7 @@ class Scheduler:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
 
     def submit(self, request: Request) -> None:
         with self._lock:
@@ -152,7 +152,7 @@ class Scheduler:
                 raise TTSError(ErrorCode.OVERLOADED,
                                f"overloaded: {self._pending} requests already waiting (max_queue_size)")
             self._pending += 1
-        self._inbox.put(request)
+            self._inbox.put(request)  # under the lock: the loop's last drain cannot miss it
         self._wake.set()
 
     def stats(self) -> dict[str, int]:
@@ -164,18 +164,22 @@ class Scheduler:
     # -- the scheduler thread -----------------------------------------------------
 
     def _loop(self) -> None:
-        while not self._stopping:
-            try:
-                self._iteration()
-            except Exception:  # never let one bad step kill the thread
-                log.exception("scheduler iteration failed")
-                self._fail_all(ErrorCode.INTERNAL, "internal error during generation")
-        self._fail_all(ErrorCode.STOPPED, "the engine stopped before this request finished")
-        while True:
-            try:
-                self._finish(self._inbox.get_nowait(), TTSError(ErrorCode.STOPPED, "the engine stopped"))
-            except queue.Empty:
-                break
+        try:
+            while not self._stopping:
+                try:
+                    self._iteration()
+                except Exception:  # never let one bad step kill the thread
+                    log.exception("scheduler iteration failed")
+                    self._fail_all(ErrorCode.INTERNAL, "internal error during generation")
+        finally:  # stopped, or killed by a BaseException: no request is left waiting forever
+            with self._lock:
+                self._stopping = True
+            self._fail_all(ErrorCode.STOPPED, "the engine stopped before this request finished")
+            while True:
+                try:
+                    self._finish(self._inbox.get_nowait(), TTSError(ErrorCode.STOPPED, "the engine stopped"))
+                except queue.Empty:
+                    break
 
     def _iteration(self) -> None:
         while True:

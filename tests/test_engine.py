@@ -356,3 +356,24 @@ def test_synthesize_cli_writes_a_wav_and_says_random_weights(checkpoint, tmp_pat
 def test_synthesize_cli_bad_input(checkpoint, tmp_path, args, message):
     proc = _synthesize("--checkpoint", checkpoint, "--text", "Hi", "--out", tmp_path / "x.wav", "--device", "cpu", *args)
     assert proc.returncode in (1, 2) and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_dead_scheduler_thread_fails_its_requests(checkpoint):
+    """A BaseException (not caught per step) kills the scheduler thread: the requests it
+    held get an error at once instead of waiting for their timeout, and new ones are refused."""
+    class Killed(BaseException):
+        pass
+
+    with ProductionTTSEngine(_config(checkpoint)) as e:
+        running = e.submit("A request on a thread about to die.", max_new_tokens=40, seed=1)
+
+        def kill(stage: str) -> None:
+            if stage == "decode":
+                raise Killed()
+
+        e._runner.fault_hook = kill
+        response = e.wait(running)
+        assert not response.success and response.error_code == ErrorCode.STOPPED
+        refused = e.generate("Too late.", seed=2)
+        assert not refused.success and refused.error_code == ErrorCode.STOPPED
+        assert not e.health_check()["healthy"]
