@@ -20,7 +20,7 @@ import torch
 from s1_mini.compilation import compile_or_eager
 from s1_mini.model import load_text2semantic
 from s1_mini.prompt import build_prompt
-from s1_mini.runner import ModelRunner, SequenceState, batch_buckets
+from s1_mini.runner import ModelRunner, SequenceState, buckets
 from s1_mini.sampler import SamplingParams
 
 SENTENCE = "The quick brown fox jumps over the lazy dog, and then it runs far away. "
@@ -90,15 +90,15 @@ def main() -> None:
                          max_seq_len=args.cache_len or model.config.max_seq_len)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "precision": args.precision, "compiled": args.compile}
-    result["buckets"] = batch_buckets(runner.max_batch_size)
+    result["buckets"] = buckets(runner.max_batch_size)
+    if args.compile:  # inductor, then one CUDA graph per batch bucket and prompt-length bucket (the engine's path)
+        start = time.perf_counter()
+        runner.compile(lambda fn, dynamic: compile_or_eager(fn, "inductor", None, fullgraph=True, dynamic=dynamic))
+        result["compile_s"] = time.perf_counter() - start
     result["prefill_ms_30"] = time_prefill(runner, prompt_of(tok, model, 30))
     if runner.max_seq_len > 700:
         result["prefill_ms_600"] = time_prefill(runner, prompt_of(tok, model, 600))
     prompt = prompt_of(tok, model, 30)
-    if args.compile:  # inductor, then one CUDA graph per batch bucket (the engine's path)
-        start = time.perf_counter()
-        runner.compile(lambda fn, dynamic: compile_or_eager(fn, "inductor", None, fullgraph=True, dynamic=dynamic))
-        result["compile_s"] = time.perf_counter() - start
     for b in batches:
         result[f"decode_fps_b{b}"] = time_decode(runner, prompt, b, args.frames, warmup=8 if args.compile else 4)
     if device.type == "cuda":

@@ -387,11 +387,13 @@ class DualARTransformer(nn.Module):
         return x
 
     def forward_slow(self, tokens: Tensor, pos: Tensor, slots: Tensor | None = None,
-                     all_positions: bool = False, block: BlockFn = run_block) -> SlowOutput:
+                     all_positions: bool = False, block: BlockFn = run_block,
+                     at: Tensor | None = None) -> SlowOutput:
         """Run the slow stack over ``tokens [B, N+1, T]`` at absolute positions
         ``pos [B, T]`` in cache ``slots [B]`` (None: slots 0..B-1); return the last
-        position's logits and fast input (§4.7), or every position's with
-        ``all_positions`` (for tests). Prefill is T = prompt length, a decode step T = 1.
+        position's logits and fast input (§4.7), or those of position ``at [B]`` (a
+        prompt padded at its end), or every position's with ``all_positions`` (for
+        tests). Prefill is T = prompt length, a decode step T = 1.
         Every layer runs through ``block`` (a compiled ``run_block``: one compile serves
         all layers)."""
         cache_len = self.slow_caches[0].k.shape[2]
@@ -400,7 +402,12 @@ class DualARTransformer(nn.Module):
         x = self.embed(tokens)
         for layer, cache in zip(self.layers, self.slow_caches):
             x = block(layer, x, rope, cache, slots, pos, mask)
-        z = x if all_positions else x[:, -1]
+        if all_positions:
+            z = x
+        elif at is None:
+            z = x[:, -1]
+        else:
+            z = x[torch.arange(x.shape[0], device=x.device), at]
         head = self.embeddings.weight if self.config.tie_word_embeddings else self.output.weight
         return SlowOutput(logits=F.linear(self.norm(z), head), fast_input=self.fast_project_in(z))
 

@@ -25,16 +25,17 @@ PENALTY_WINDOW = 16
 def decode_frame(model: DualARTransformer, tokens: Tensor, pos: Tensor, slots: Tensor | None,
                  sampling: BatchSampling, slow_history: Tensor | None,
                  fast_history: Tensor | None, sample_fn: SampleFn = sample,
-                 block: BlockFn = run_block) -> Tensor:
+                 block: BlockFn = run_block, at: Tensor | None = None) -> Tensor:
     """One frame for each sequence of the batch (§5.3).
 
     ``tokens [B, N+1, T]`` at positions ``pos [B, T]``; ``slow_history [B, H]`` are the
     ids penalized for the slow token and ``fast_history [B, N, W]`` row k the codes
-    penalized for codebook k (both None in the prefill). Returns ``[B, N+1]`` int64:
-    the token, then codebooks 0..N-1.
+    penalized for codebook k (both None in the prefill). The frame follows position
+    ``at [B]`` (default: the last). Returns ``[B, N+1]`` int64: the token, then
+    codebooks 0..N-1.
     """
     c = model.config
-    out = model.forward_slow(tokens, pos, slots, block=block)
+    out = model.forward_slow(tokens, pos, slots, block=block, at=at)
     token = sample_fn(out.logits, slow_history, sampling, 0)
     # The fast stack sees u0 at position 0; its logits there are discarded.
     model.forward_fast(out.fast_input, 0, slots, logits=False, block=block)
@@ -122,6 +123,46 @@ def decode_step(model: DualARTransformer, state: SlotState, rows: int, noise: No
     return frames
 
 
+class PrefillInputs:
+    """The static inputs of a captured prefill: the prompt padded at its end to the
+    length of a bucket, the index of its last real position, its slot, seed and
+    sampling parameters. Padding is harmless: causal attention keeps the real positions
+    from seeing it, and the decode steps overwrite its cache entries before reading them."""
+
+    def __init__(self, width: int, length: int, dtype: torch.dtype, device: torch.device) -> None:
+        def zeros(*shape: int, dtype: torch.dtype = torch.long) -> Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.tokens = zeros(1, width, length)
+        self.last = zeros(1)
+        self.slot = zeros(1)
+        self.seed = zeros(1)
+        self.step = torch.full((1,), -1, device=device)  # counter noise: the prefill's draws
+        self.greedy = zeros(1, dtype=torch.bool)
+        self.temperature = zeros(1, 1, dtype=dtype)
+        self.top_p = zeros(1, 1, dtype=dtype)
+        self.penalty = zeros(1, 1, dtype=dtype)
+
+    def load(self, seq: "SequenceState") -> None:
+        T = seq.prompt.shape[1]
+        self.tokens[0, :, :T] = seq.prompt
+        self.last.fill_(T - 1)
+        self.slot.fill_(seq.slot)
+        self.seed.fill_((seq.seed or 0) % 2**63)
+        self.greedy.fill_(seq.seed is None)
+        t, p, r = seq.params.effective()
+        self.temperature.fill_(t), self.top_p.fill_(p), self.penalty.fill_(r)
+
+
+def prefill_step(model: DualARTransformer, inputs: PrefillInputs, length: int, block: BlockFn = run_block) -> Tensor:
+    """The first frame ``[N+1]`` of the prompt in ``inputs``, run padded to ``length``
+    positions, with counter noise. Pure tensor work: captured per length bucket."""
+    sampling = BatchSampling(inputs.temperature, inputs.top_p, inputs.penalty,
+                             counter_noise(inputs.seed, inputs.step), inputs.greedy)
+    return decode_frame(model, inputs.tokens[:, :, :length], torch.arange(length, device=inputs.tokens.device)[None],
+                        inputs.slot, sampling, None, None, block=block, at=inputs.last)[0]
+
+
 @dataclass(eq=False)  # identity, like the slot it holds
 class SequenceState:
     """One prompt being generated in one cache slot. ``seed=None``: greedy. The
@@ -151,11 +192,12 @@ class SequenceState:
         return torch.stack(self.frames[start:end], dim=1)[1:].to(torch.int32)
 
 
-def batch_buckets(max_batch_size: int) -> list[int]:
-    """Row counts a compiled runner captures a CUDA graph for: powers of two, then the
-    slot count. A step runs the smallest bucket holding every occupied slot."""
-    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
-    return sizes + [max_batch_size]
+def buckets(limit: int, smallest: int = 1) -> list[int]:
+    """Powers of two from ``smallest`` below ``limit``, then ``limit``: the row counts of
+    the decode graphs and the prompt lengths of the prefill graphs. A step runs the
+    smallest bucket that holds it."""
+    sizes = [1 << i for i in range(limit.bit_length()) if smallest <= 1 << i < limit]
+    return sizes + [limit]
 
 
 class ModelRunner:
@@ -186,6 +228,8 @@ class ModelRunner:
         self.counter_noise = False  # compiled: counter noise instead of generators
         self.buckets: list[int] = []
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.prefill_lengths: list[int] = []
+        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         model.setup_caches(max_batch_size, max_seq_len)
         with torch.inference_mode():  # like every tensor a step makes: one kind of input for compiled code
             self.state = SlotState(max_batch_size, model.config.num_codebooks + 1, max_seq_len - 1,
@@ -209,21 +253,18 @@ class ModelRunner:
         self.prefill_block = wrap(run_block, True)
         self.sample_fn = wrap(sample, False)
         self.counter_noise = True
-        self.buckets = batch_buckets(self.max_batch_size)
+        self.buckets = buckets(self.max_batch_size)
+        self.prefill_lengths = buckets(self.max_seq_len, smallest=64)
+        self.prefill_inputs = PrefillInputs(self.state.last.shape[1], self.max_seq_len, self.dtype, self.device)
         if self.device.type != "cuda":
             return
         pool = torch.cuda.graph_pool_handle()
         for rows in reversed(self.buckets):  # the largest first: its memory is reused by the rest
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # compile and settle allocations outside the capture
-                    decode_step(self.model, self.state, rows, None, self.sample_fn, self.decode_block)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                frames = decode_step(self.model, self.state, rows, None, self.sample_fn, self.decode_block)
-            self.graphs[rows] = (graph, frames)
+            self.graphs[rows] = _capture(lambda: decode_step(self.model, self.state, rows, None, self.sample_fn,
+                                                             self.decode_block), pool)
+        for length in reversed(self.prefill_lengths):
+            self.prefill_graphs[length] = _capture(lambda: prefill_step(self.model, self.prefill_inputs, length,
+                                                                        self.prefill_block), pool)
         torch.cuda.synchronize()
 
     def acquire(self, seq: SequenceState) -> None:
@@ -243,19 +284,20 @@ class ModelRunner:
         if self.fault_hook:
             self.fault_hook("prefill")
         T = seq.prompt.shape[1]
-        params = [seq.params]
-        if seq.seed is None:
-            sampling = BatchSampling.build(params, None, self.dtype, self.device)
-        elif self.counter_noise:
-            sampling = BatchSampling.build(params, None, self.dtype, self.device)
-            sampling.noise = counter_noise(torch.tensor([seq.seed], device=self.device),
-                                           torch.tensor([-1], device=self.device))
+        if self.counter_noise:
+            self.prefill_inputs.load(seq)
+            length = next(n for n in self.prefill_lengths if n >= T)
+            if self.prefill_graphs:
+                graph, frame = self.prefill_graphs[length]
+                graph.replay()
+            else:
+                frame = prefill_step(self.model, self.prefill_inputs, length, self.prefill_block)
         else:
-            sampling = BatchSampling.build(params, [seq.generator], self.dtype, self.device)
-        frame = decode_frame(self.model, seq.prompt[None].to(self.device).long(),
-                             torch.arange(T, device=self.device)[None],
-                             torch.tensor([seq.slot], device=self.device), sampling, None, None,
-                             block=self.prefill_block)[0]
+            sampling = BatchSampling.build([seq.params], None if seq.seed is None else [seq.generator],
+                                           self.dtype, self.device)
+            frame = decode_frame(self.model, seq.prompt[None].to(self.device).long(),
+                                 torch.arange(T, device=self.device)[None],
+                                 torch.tensor([seq.slot], device=self.device), sampling, None, None)[0]
         self.state.reset(seq.slot, frame, T, seq.params, seq.seed)
         seq.frames.append(frame.cpu())
         seq.finished = seq.max_new_tokens <= 1
@@ -284,3 +326,18 @@ class ModelRunner:
             frame = frames[s.slot]
             s.frames.append(frame)
             s.finished = int(frame[0]) == self.im_end_id or len(s.frames) >= s.max_new_tokens
+
+
+def _capture(step: Callable[[], Tensor], pool: tuple) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    """Run ``step`` twice on a side stream (compiling it and settling its allocations),
+    then capture it as a CUDA graph; returns the graph and its output tensor."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = step()
+    return graph, out
