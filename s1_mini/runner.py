@@ -36,7 +36,9 @@ def decode_frame(model: DualARTransformer, tokens: Tensor, pos: Tensor, slots: T
     """
     c = model.config
     out = model.forward_slow(tokens, pos, slots, block=block, at=at)
-    token = sample_fn(out.logits, slow_history, sampling, 0)
+    # The draw index as a tensor: a compiled sampler given a Python int compiles once per value.
+    draws = torch.arange(c.num_codebooks, device=tokens.device)
+    token = sample_fn(out.logits, slow_history, sampling, draws[0])
     # The fast stack sees u0 at position 0; its logits there are discarded.
     model.forward_fast(out.fast_input, 0, slots, logits=False, block=block)
     # Codebook 0 = token - S0, clamped below at 0 as in the reference. Deviation: a
@@ -47,7 +49,7 @@ def decode_frame(model: DualARTransformer, tokens: Tensor, pos: Tensor, slots: T
     codes = [code]
     for k in range(1, c.num_codebooks):
         logits = model.forward_fast(model.fast_embeddings(code), k, slots, block=block)
-        code = sample_fn(logits, None if fast_history is None else fast_history[:, k], sampling, k)
+        code = sample_fn(logits, None if fast_history is None else fast_history[:, k], sampling, draws[k])
         codes.append(code)
     return torch.stack([token, *codes], dim=1)
 
@@ -236,7 +238,7 @@ class ModelRunner:
                                    self.dtype, self.device)
 
     @torch.inference_mode()
-    def compile(self, wrap: Callable[[Callable, bool], Callable]) -> None:
+    def compile(self, wrap: Callable[[Callable, bool | None], Callable]) -> None:
         """Compile (``wrap(fn, dynamic)``, e.g. torch.compile) the repeated regions, not
         the whole step: the transformer block every layer of both stacks runs, and the
         sampler; static shapes for decode (one compile per bucket: dynamic-shape kernels
@@ -251,7 +253,7 @@ class ModelRunner:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.decode_block = wrap(run_block, False)
         self.prefill_block = wrap(run_block, True)
-        self.sample_fn = wrap(sample, False)
+        self.sample_fn = wrap(sample, None)  # static, then dynamic rows once a second bucket comes
         self.counter_noise = True
         self.buckets = buckets(self.max_batch_size)
         self.prefill_lengths = buckets(self.max_seq_len, smallest=64)

@@ -47,8 +47,9 @@ class SamplingParams:
 
 
 # Exponential noise for one draw: ``noise(probs [B, V], draw) -> [B, V]``, where
-# ``draw`` numbers the draws of one frame (0 = the slow token, k = codebook k).
-NoiseFn = Callable[[Tensor, int], Tensor]
+# ``draw`` (an int or a 0-d tensor) numbers the draws of one frame (0 = the slow token,
+# k = codebook k).
+NoiseFn = Callable[[Tensor, "int | Tensor"], Tensor]
 
 
 @dataclass
@@ -76,7 +77,7 @@ def generator_noise(generators: Sequence[torch.Generator | None]) -> NoiseFn:
     its seeded global RNG (a row without a generator gets ones: no effect on argmax).
     A Python loop over rows: eager only."""
 
-    def noise(probs: Tensor, draw: int) -> Tensor:
+    def noise(probs: Tensor, draw: int | Tensor) -> Tensor:
         out = torch.ones_like(probs)
         for row, generator in enumerate(generators):
             if generator is not None:
@@ -112,7 +113,7 @@ def counter_noise(seed: Tensor, step: Tensor) -> NoiseFn:
     no RNG state, so the whole decode step, sampling included, can be replayed as a CUDA
     graph, and a seeded request gives the same codes alone or in any batch."""
 
-    def noise(probs: Tensor, draw: int) -> Tensor:
+    def noise(probs: Tensor, draw: int | Tensor) -> Tensor:
         key = _mix32(_mix32(seed & _M32) ^ (seed >> 32))
         key = _mix32(key ^ ((step * 64 + draw) & _M32))
         ids = torch.arange(probs.shape[-1], device=probs.device)
@@ -144,7 +145,7 @@ def apply_repetition_penalty(logits: Tensor, history: Tensor, penalty: Tensor) -
     return logits.scatter(1, history, picked)
 
 
-def sample(logits: Tensor, history: Tensor | None, s: BatchSampling, draw: int = 0) -> Tensor:
+def sample(logits: Tensor, history: Tensor | None, s: BatchSampling, draw: int | Tensor = 0) -> Tensor:
     """Draw one id per row of ``logits [B, V]``; returns int64 ``[B]``.
 
     Order as in the reference: penalty, then top-p on the untempered distribution
