@@ -1,0 +1,58 @@
+"""Where a decode step's time goes on a GPU: compile + capture time, captured prefill,
+graph replay vs the runner's whole decode call, and a torch.profiler table (kernel count
+and kernel time per step) for each batch size. Random weights: speed only.
+
+    python bench/profile_decode.py CHECKPOINT MAX_BATCH BATCHES      # e.g. /tmp/ck 8 1,8
+"""
+
+import sys
+import time
+
+import torch
+from s1_mini.compilation import compile_or_eager
+from s1_mini.model import load_text2semantic
+from s1_mini.runner import ModelRunner, SequenceState, decode_step
+from s1_mini.sampler import SamplingParams
+sys.path.insert(0, "bench")
+from t2s_decode import prompt_of  # noqa: E402
+checkpoint, max_batch, test_b = sys.argv[1], int(sys.argv[2]), [int(b) for b in sys.argv[3].split(",")]
+model, tok = load_text2semantic(checkpoint, "cuda", torch.bfloat16)
+runner = ModelRunner(model, -1, max_batch, 2048)
+t = time.perf_counter()
+runner.compile(lambda fn, dynamic: compile_or_eager(fn, "inductor", None, fullgraph=True, dynamic=dynamic))
+print("compile+capture s", time.perf_counter() - t, flush=True)
+def prefill_ms(n, reps=6):
+    p = prompt_of(tok, model, n); ts = []
+    for i in range(reps):
+        s = SequenceState(p, 100, SamplingParams(), i); runner.acquire(s)
+        torch.cuda.synchronize(); t = time.perf_counter(); runner.prefill(s); torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t); runner.release(s)
+    return [round(x * 1e3, 1) for x in ts]
+print("prefill 30 ms", prefill_ms(30), flush=True)
+print("prefill 600 ms", prefill_ms(600), flush=True)
+p = prompt_of(tok, model, 30)
+for B in test_b:
+    seqs = [SequenceState(p, 10**6, SamplingParams(), b) for b in range(B)]
+    for s in seqs: runner.acquire(s); runner.prefill(s)
+    for _ in range(5): runner.decode(seqs)
+    g, _ = runner.graphs[B]
+    torch.cuda.synchronize(); t = time.perf_counter()
+    for _ in range(100): g.replay()
+    torch.cuda.synchronize(); replay = (time.perf_counter() - t) / 100
+    t = time.perf_counter()
+    for _ in range(100): runner.decode(seqs)
+    torch.cuda.synchronize(); dec = (time.perf_counter() - t) / 100
+    print(f"B={B} replay {replay*1e3:.3f} ms ({B/replay:.0f} fps)  decode {dec*1e3:.3f} ms ({B/dec:.0f} fps)", flush=True)
+    if True:  # the same kernels as the graph, launched one by one under the profiler
+        from torch.profiler import profile, ProfilerActivity
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                with torch.inference_mode():
+                    decode_step(model, runner.state, B, None, runner.sample_fn, runner.decode_block)
+            torch.cuda.synchronize()
+        ka = prof.key_averages()
+        total = sum(e.device_time_total for e in ka) / 3
+        n = sum(e.count for e in ka) / 3
+        print(f"B={B} kernels per step {n:.0f}, kernel time per step {total/1e3:.3f} ms")
+        print(ka.table(sort_by="device_time_total", row_limit=12, max_name_column_width=70))
+    for s in seqs: runner.release(s)
