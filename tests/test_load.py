@@ -30,8 +30,8 @@ def _load_harness():
 
 load = _load_harness()
 
-CLIENTS = 24
-DURATION_S = 20
+CLIENTS = 32
+DURATION_S = 30
 MAX_RSS_GROWTH_MB = 300  # generous: the tiny model's steady state grows a few MB at most
 
 def assert_passed(report: dict) -> None:
