@@ -254,8 +254,6 @@ def test_full_disk_registration_fails_cleanly_and_keeps_the_registry(full_disk):
     _assert_registry_intact(server, voices, before, ["before", "small"])
 
 
-@pytest.mark.xfail(strict=True, reason="s1_mini/server/api_voices.py maps every VoiceError to 422; it must map "
-                                       "VoiceStorageError with full=True to 507 insufficient_storage")
 def test_full_disk_registration_is_507(full_disk):
     server, _, _ = full_disk
     r = _register(server, "big2", 0.5)
@@ -300,8 +298,6 @@ def test_read_only_registry_registration_fails_cleanly_and_keeps_the_registry(re
     _assert_registry_intact(server, voices, before, ["before"])
 
 
-@pytest.mark.xfail(strict=True, reason="s1_mini/server/api_voices.py maps every VoiceError to 422; it must map "
-                                       "VoiceStorageError with full=False to 500 storage_not_writable")
 def test_read_only_registry_registration_is_500(read_only):
     server, _, _ = read_only
     r = _register(server, "new2", 0.02)

@@ -19,12 +19,12 @@ from s1_mini.server.errors import APIError, error_body, field_of
 from s1_mini.server.schemas import (VOICE_ID_PATTERN, AddReferenceRequest, Deleted, DeleteReferenceRequest,
                                     ErrorResponse, FishAddResponse, FishDeleteResponse, FishListResponse, VoiceId,
                                     VoiceInfo, VoiceList, _decode_audio)
-from s1_mini.voices import InvalidVoiceId, VoiceError, VoiceNotFound
+from s1_mini.voices import InvalidVoiceId, VoiceError, VoiceNotFound, VoiceStorageError
 
 log = logging.getLogger("s1_mini.server")
 router = APIRouter(tags=["voices"])
 RESERVED_IDS = frozenset({"add", "list", "delete", "update"})  # names of fish-speech routes under /v1/references
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 500, 503, 507)}
 
 
 class VoiceCreate(BaseModel):
@@ -70,6 +70,8 @@ async def _register(engine: Any, voice_id: str, audio: bytes, text: str, overwri
                            "(delete it first, or send overwrite=true)", id_field)
     try:
         return await asyncio.to_thread(engine.voices.register, voice_id, audio, text)
+    except VoiceStorageError as exc:  # the server's disk, not the request: nothing to fix in the body
+        raise _storage_error(voice_id, exc, "registered") from None
     except VoiceError as exc:
         message = str(exc)
         field = field_of(message)
@@ -83,6 +85,17 @@ async def _register(engine: Any, voice_id: str, audio: bytes, text: str, overwri
 
 def _raise(status: int, code: str, message: str, field: str | None) -> Any:
     raise APIError(status, code, message, field)
+
+
+def _storage_error(voice_id: str, exc: VoiceStorageError, done: str) -> APIError:
+    """507 when the registry's disk is full (space may come back), 500 when its directory
+    cannot be written at all (the deployment must be fixed). The path stays in the log."""
+    log.error("voice %r could not be %s: %s", voice_id, done, exc)
+    if exc.full:
+        return APIError(507, "insufficient_storage", f"the voice could not be {done}: the voice registry's "
+                        "storage is full", None)
+    return APIError(500, "storage_not_writable", f"the voice could not be {done}: the voice registry's "
+                    "directory is not writable", None)
 
 
 # ----------------------------------------------------------------- fish-speech routes (first: fixed paths)
@@ -169,9 +182,8 @@ def _delete(engine: Any, voice_id: str, field: str) -> None:
         raise APIError(404, "not_found", f"{field}: no voice {voice_id!r} is registered", field) from None
     except InvalidVoiceId as exc:
         raise APIError(422, "invalid_request", field + str(exc)[len("voice_id"):], field) from None
-    except VoiceError as exc:
-        log.error("voice %r could not be deleted: %s", voice_id, exc)
-        raise APIError(500, "internal_error", "the voice could not be deleted", None) from None
+    except VoiceStorageError as exc:
+        raise _storage_error(voice_id, exc, "deleted") from None
 
 
 # ----------------------------------------------------------------- our REST routes
