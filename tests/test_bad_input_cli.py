@@ -282,11 +282,6 @@ SERVE = [
     row("env-server", 2, "--server", env={"S1_MINI_SAGEMAKER_SERVER": "tf"}),
     row("unknown-flag", 2, "--bogus", "--bogus"),
 ]
-SERVE_BUGS = pytest.mark.xfail(strict=True, reason=(
-    "s1_mini/sagemaker/serve.py (not this change's file): --port is any int, so -5 or 70000 reaches "
-    "socket.bind and ends in an OverflowError traceback after start-up, and SAGEMAKER_BIND_TO_PORT=abc "
-    "raises ValueError while building the parser; fix: an argparse type for 0..65535 and the default read "
-    "through it"))
 
 
 @pytest.mark.parametrize("argv, env, code, name", SERVE)
@@ -296,7 +291,6 @@ def test_serve(argv, env, code, name, files, capsys, monkeypatch):
     check(*run_main(serve.main, argv, files, capsys), code, name)
 
 
-@SERVE_BUGS
 @pytest.mark.parametrize("argv, env", [(["--port", "70000"], {}), ([], {"SAGEMAKER_BIND_TO_PORT": "abc"})],
                          ids=["port-too-big", "env-port-word"])
 def test_serve_port_is_checked_before_start(argv, env, files):

@@ -36,13 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", default="serve", choices=["serve"])
     p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=int(os.environ.get("SAGEMAKER_BIND_TO_PORT", "8080")))
+    p.add_argument("--port", type=port, default=None,
+                   help="0..65535 (default: SAGEMAKER_BIND_TO_PORT, else 8080)")
     p.add_argument("--server", choices=SERVERS, default=os.environ.get("S1_MINI_SAGEMAKER_SERVER", "front") or "front",
                    help="front: our serving front (default); mms: multi-model-server via the sagemaker-inference "
                         "toolkit (env S1_MINI_SAGEMAKER_SERVER)")
     args = p.parse_args(argv)
     if args.server not in SERVERS:  # a bad S1_MINI_SAGEMAKER_SERVER (argparse checks only given values)
         p.error(f"argument --server: invalid choice: {args.server!r} (choose from {', '.join(SERVERS)})")
+    if args.port is None:  # checked like --port: a bad value would reach socket.bind as a traceback
+        try:
+            args.port = port(os.environ.get("SAGEMAKER_BIND_TO_PORT", "8080"))
+        except argparse.ArgumentTypeError as exc:
+            p.error(f"SAGEMAKER_BIND_TO_PORT: {exc}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.server == "mms":
         from s1_mini.sagemaker import mms
@@ -96,6 +102,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: loading the model failed: {failed[0]}", file=sys.stderr)
         return EXIT_MODEL_FAILED
     return 0
+
+
+def port(value: str) -> int:
+    """A TCP port number, 0..65535 (0: any free port)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number 0..65535, got {value!r}") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0..65535, got {number}")
+    return number
 
 
 def _free_port() -> int:
