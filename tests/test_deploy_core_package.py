@@ -3,6 +3,7 @@ the container expects; bad checkpoints are refused and leave no archive behind."
 
 from __future__ import annotations
 
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from s1_mini.deploy.aws import DeployError
 from s1_mini.deploy.cli import main
-from s1_mini.deploy.package import package_model
+from s1_mini.deploy.package import DEFAULT_CODE_DIR, package_model
 from s1_mini.sagemaker.handlers import find_checkpoint
 from s1_mini.testing.make_checkpoint import make_checkpoint
 
@@ -45,6 +46,22 @@ def test_package_layout_and_contents(checkpoint: Path, tmp_path: Path) -> None:
     # the container's own lookup finds the checkpoint at the archive root
     assert find_checkpoint(tmp_path / "model") == tmp_path / "model"
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
+
+
+def test_members_are_root_owned_and_world_readable_whatever_the_umask(checkpoint: Path, tmp_path: Path) -> None:
+    # Written by a real process under umask 077 (files 0600, directories 0700), as a
+    # checkpoint made by a careful user is; an executable code file (0700) too.
+    private = tmp_path / "private"
+    code = tmp_path / "code"
+    subprocess.run(["sh", "-c", f"umask 077 && cp -R '{checkpoint}' '{private}' && mkdir '{code}' && "
+                    f"cp '{DEFAULT_CODE_DIR / 'inference.py'}' '{code}/' && echo exit > '{code}/run.sh' && "
+                    f"chmod 700 '{code}/run.sh'"], check=True)
+    assert (private / "model.pth").stat().st_mode & 0o777 == 0o600
+    result = package_model(private, tmp_path / "model.tar.gz", code_dir=code, progress=False)
+    with tarfile.open(result.path) as tar:
+        members = tar.getmembers()
+    assert {m.name for m in members} >= {"model.pth", "code/inference.py", "code/run.sh"}
+    assert {(m.name, m.mode, m.uid, m.gid) for m in members} == {(m.name, 0o644, 0, 0) for m in members}
 
 
 def test_missing_file_is_refused_without_archive(checkpoint: Path, tmp_path: Path) -> None:

@@ -468,10 +468,6 @@ def test_the_service_uid_is_free_in_the_base_image():
         assert int(uid.group(1)) != 1000 or re.search(r"userdel[^&;]*\bubuntu\b", runs)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "s1_mini/deploy/package.py keeps each file's own mode in model.tar.gz (it only resets uid/gid to 0): "
-    "a checkpoint written under umask 077 is packaged 0600, root-owned after extraction, and the "
-    "non-root s1mini user cannot read it; set info.mode = 0o644 for files"))
 def test_packaged_files_are_readable_by_the_non_root_user(clean_checkpoint, tmp_path):
     checkpoint = Path(shutil.copytree(clean_checkpoint, tmp_path / "ckpt"))
     for path in checkpoint.iterdir():

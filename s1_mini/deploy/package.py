@@ -109,6 +109,10 @@ def package_model(checkpoint_dir: str | Path, output: str | Path, *, code_dir: s
                 info = tar.gettarinfo(str(src), arcname=name)
                 info.uid = info.gid = 0
                 info.uname = info.gname = ""
+                # Extracted as root, the files stay root's: the image's non-root user can
+                # read them only through these bits (a checkpoint written under umask 077
+                # would otherwise arrive 0600).
+                info.mode = 0o755 if info.isdir() else 0o644
                 with open(src, "rb") as f:
                     tar.addfile(info, ReadProgress(f, bar))
         os.replace(tmp, output)
