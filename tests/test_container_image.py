@@ -5,6 +5,7 @@ docker client)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -51,6 +52,17 @@ def test_serving_contract_of_the_image():
     pins = (ROOT / "container" / "requirements-serve.txt").read_text()
     for name in ("fastapi", "uvicorn", "soundfile", "soxr", "tiktoken", "numpy"):
         assert f"\n{name}==" in pins, name
+
+
+def test_torch_is_a_cuda_wheel_of_the_base_image_past_the_unpickler_fix():
+    runs = " ".join(args for word, args in instructions() if word == "RUN")
+    base = re.search(r"nvidia/cuda:(\d+)\.(\d+)\.", instructions()[0][1])
+    index = re.search(r"--index-url https://download\.pytorch\.org/whl/cu(\d+)\s[^&]*torch==(\d+)\.(\d+)\.(\d+)",
+                      runs)
+    assert base and index, runs
+    assert index[1] == base[1] + base[2]  # the wheel's CUDA (cu128) is the base image's (12.8)
+    # CVE-2026-24747 (the weights_only unpickler every weight file goes through) is fixed in 2.10.0
+    assert tuple(map(int, index.groups()[1:])) >= (2, 10, 0)
 
 
 def _docker_daemon() -> bool:

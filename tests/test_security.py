@@ -452,10 +452,6 @@ def test_container_runs_as_a_non_root_user_owning_opt_ml():
     assert "--create-home" in useradd or " -m " in useradd  # ~/.cache and ~/.triton
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "container/Dockerfile runs 'useradd --uid 1000 s1mini' on nvidia/cuda:...-ubuntu24.04, whose Ubuntu "
-    "24.04 base already has the user 'ubuntu' with uid 1000: useradd fails ('UID 1000 is not unique') and "
-    "the image does not build; use another uid (e.g. 1001), drop --uid, or 'userdel -r ubuntu' first"))
 def test_the_service_uid_is_free_in_the_base_image():
     stage = final_stage()
     base = stage[0][1]
