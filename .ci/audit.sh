@@ -7,8 +7,10 @@
 #           of container/Dockerfile: what the serving image installs;
 #   ci-env: the test environment as installed ($VENV, `pip freeze`): requirements.txt (whose
 #           ranges it resolves) with the test extras and the Makefile's torch pin.
-# Findings not in security/pip-audit-ignore.txt fail the audit; so does a service that cannot
-# be reached or has no data for a package, unless PIP_AUDIT_OFFLINE_OK=1 (then it says so).
+# Findings not in security/pip-audit-ignore.txt fail the audit. A service that cannot be
+# reached or has no data for a package (a PyPI mirror without the per-version JSON pip-audit
+# reads) is a WARNING naming what was not checked, exit 0; PIP_AUDIT_STRICT=1 makes it a
+# failure (exit 3), for a CI that reaches PyPI's service.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

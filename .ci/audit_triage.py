@@ -5,11 +5,13 @@
 Each REPORT is ``pip-audit -f json`` output for one dependency set (NAME), LOG its
 stderr. Exit status:
 
-- 0: every finding is triaged (the triage file names its id or an alias, for its package);
-- 1: a finding is not triaged;
+- 0: every finding is triaged (the triage file names its id or an alias, for its package),
+  including when some dependencies could not be checked (pip-audit failed, e.g. no
+  network, or the service had no data for a package): a WARNING names each of them;
+- 1: a finding is not triaged (whatever could not be checked besides);
 - 2: bad arguments or a malformed triage file;
-- 3: a set could not be audited (pip-audit failed, e.g. no network, or the service had
-  no data for a package); 0 instead when PIP_AUDIT_OFFLINE_OK=1, with the reason printed.
+- 3: something could not be checked and PIP_AUDIT_STRICT=1 (for a CI that reaches the
+  service, where "no data" means the audit did not happen).
 
 Triage entries that match no finding of a complete audit are listed (the vulnerability
 may be fixed or the pin moved): a note, not a failure.
@@ -50,18 +52,22 @@ def read_triage(path: Path) -> list[Entry]:
     return entries
 
 
-def judge(triage: list[Entry], reports: dict[str, tuple[Path, Path | None]], offline_ok: bool) -> int:
-    untriaged, unaudited, used = [], [], set()
+def judge(triage: list[Entry], reports: dict[str, tuple[Path, Path | None]], strict: bool) -> int:
+    untriaged, used = [], set()
+    unaudited: dict[str, list[str]] = {}  # "<set>: <reason>" -> the packages it left unchecked
     for name, (report, log) in reports.items():
         try:
             data = json.loads(report.read_text())
         except (OSError, ValueError):
             tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log and log.is_file() else []
-            unaudited.append(f"{name}: pip-audit produced no report: {' | '.join(tail) or 'no output'}")
+            unaudited[f"{name}: pip-audit produced no report: {' | '.join(tail) or 'no output'}"] = []
             continue
         for dep in data.get("dependencies", []):
             if "skip_reason" in dep:
-                unaudited.append(f"{name}: {dep['name']}: {dep['skip_reason']}")
+                # "...could not be audited: numpy (2.4.6)": the package goes in the list, so
+                # that one line holds every package skipped for the same reason
+                reason = re.sub(r":\s*[^\s:]+ \([^()]*\)$", "", dep["skip_reason"])
+                unaudited.setdefault(f"{name}: {reason}", []).append(f"{dep['name']} {dep.get('version', '')}".strip())
                 continue
             for vuln in dep.get("vulns", []):
                 ids = {vuln["id"], *vuln.get("aliases", [])}
@@ -77,19 +83,24 @@ def judge(triage: list[Entry], reports: dict[str, tuple[Path, Path | None]], off
         for entry in triage:
             if entry not in used:
                 print(f"note: triage line {entry.line} ({entry.vuln_id} {entry.package}) matched no finding")
+    if unaudited:
+        # Every one is named: a dependency missing from this list was checked.
+        print("\nWARNING: COULD NOT AUDIT these dependencies (is the vulnerability service reachable, does it "
+              "know them?); they were NOT checked for vulnerabilities:")
+        print("\n".join(f"  {why} ({len(names)}): {', '.join(names)}" if names else f"  {why}: every package of the set"
+                        for why, names in unaudited.items()))
     if untriaged:
         print("\nNOT TRIAGED (upgrade the pin if a patch/minor release fixes it, else add 'ID PACKAGE REASON' "
               "to security/pip-audit-ignore.txt):")
         print("\n".join(f"  {u}" for u in untriaged))
         return 1
     if unaudited:
-        print(f"\nCOULD NOT AUDIT {len(unaudited)} dependencies (is the vulnerability service reachable?):")
-        print("\n".join(f"  {u}" for u in unaudited[:20]) + ("\n  ..." if len(unaudited) > 20 else ""))
-        if offline_ok:
-            print("PIP_AUDIT_OFFLINE_OK=1: not failing; this audit checked nothing it could not reach")
-            return 0
-        print("set PIP_AUDIT_OFFLINE_OK=1 to accept an audit that could not run (never in CI)")
-        return 3
+        if strict:
+            print("PIP_AUDIT_STRICT=1: failing, since the audit could not check everything")
+            return 3
+        print("pip-audit: no untriaged vulnerabilities among what could be checked; not failing "
+              "(PIP_AUDIT_STRICT=1 makes dependencies that could not be checked fail the audit)")
+        return 0
     print("pip-audit: no untriaged vulnerabilities")
     return 0
 
@@ -108,7 +119,7 @@ def main(argv: list[str]) -> int:
         name, _, paths = arg.partition("=")
         report, _, log = paths.partition(":")
         reports[name] = (Path(report), Path(log) if log else None)
-    return judge(triage, reports, os.environ.get("PIP_AUDIT_OFFLINE_OK") == "1")
+    return judge(triage, reports, os.environ.get("PIP_AUDIT_STRICT") == "1")
 
 
 if __name__ == "__main__":

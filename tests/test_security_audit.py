@@ -19,7 +19,7 @@ TRIAGE = ROOT / "security" / "pip-audit-ignore.txt"
 SCRIPT = ROOT / ".ci" / "audit_triage.py"
 
 
-def triage(tmp_path: Path, reports: dict[str, dict | None], lines: str = "", offline_ok: bool = False,
+def triage(tmp_path: Path, reports: dict[str, dict | None], lines: str = "", strict: bool = False,
            log: str = "") -> subprocess.CompletedProcess:
     triage_file = tmp_path / "ignore.txt"
     triage_file.write_text("# comment\n" + lines)
@@ -28,9 +28,11 @@ def triage(tmp_path: Path, reports: dict[str, dict | None], lines: str = "", off
         path = tmp_path / f"{name}.json"
         if report is not None:
             path.write_text(json.dumps(report))
+        else:  # pip-audit wrote nothing (no report from an earlier call either)
+            path.unlink(missing_ok=True)
         (tmp_path / f"{name}.log").write_text(log)
         args.append(f"{name}={path}:{tmp_path / f'{name}.log'}")
-    env = {**os.environ, "PIP_AUDIT_OFFLINE_OK": "1" if offline_ok else "0"}
+    env = {**os.environ, "PIP_AUDIT_STRICT": "1" if strict else "0"}
     return subprocess.run([sys.executable, str(SCRIPT), str(triage_file), *args], capture_output=True, text=True,
                           env=env, timeout=60)
 
@@ -64,16 +66,33 @@ def test_triage_is_per_package(tmp_path):
     assert done.returncode == 0
 
 
-def test_a_set_that_could_not_be_audited_fails_unless_offline_is_accepted(tmp_path):
-    skipped = {"dependencies": [{"name": "torch", "skip_reason": "Dependency not found on PyPI"}], "fixes": []}
-    for reports, log in (({"image": skipped}, ""), ({"image": None}, "requests.exceptions.ConnectionError: boom")):
+def skipped(*names: str) -> dict:
+    """A report as pip-audit writes it when the service has no data for the packages."""
+    return {"dependencies": [{"name": name, "skip_reason": f"Dependency not found on PyPI and could not be audited: "
+                              f"{name} (1.0)"} for name in names], "fixes": []}
+
+
+def test_what_could_not_be_audited_is_a_warning_naming_it_unless_strict(tmp_path):
+    offline = "requests.exceptions.ConnectionError: boom"
+    for reports, log, named in (({"image": skipped("torch", "numpy")}, "", "(2): torch, numpy"),
+                                ({"image": None}, offline, "ConnectionError: boom")):
         done = triage(tmp_path, reports, log=log)
-        assert done.returncode == 3 and "COULD NOT AUDIT" in done.stdout
-        assert "Dependency not found on PyPI" in done.stdout or "ConnectionError: boom" in done.stdout
-        accepted = triage(tmp_path, reports, log=log, offline_ok=True)
-        assert accepted.returncode == 0 and "PIP_AUDIT_OFFLINE_OK=1" in accepted.stdout
-    # an untriaged finding fails even offline
-    assert triage(tmp_path, {"image": finding(), "ci-env": skipped}, offline_ok=True).returncode == 1
+        assert done.returncode == 0, done.stdout
+        assert "WARNING: COULD NOT AUDIT" in done.stdout and "NOT checked" in done.stdout
+        assert named in done.stdout and "image: " in done.stdout
+        assert "PIP_AUDIT_STRICT=1" in done.stdout  # says how to make it fail
+        strict = triage(tmp_path, reports, log=log, strict=True)
+        assert strict.returncode == 3 and named in strict.stdout
+
+
+def test_a_real_finding_fails_even_when_other_packages_could_not_be_audited(tmp_path):
+    done = triage(tmp_path, {"image": finding(), "ci-env": skipped("numpy")})
+    assert done.returncode == 1
+    assert "NOT TRIAGED" in done.stdout and "image: torch 2.9.1 PYSEC-2026-1" in done.stdout
+    assert "ci-env: Dependency not found on PyPI and could not be audited (1): numpy" in done.stdout
+    triaged = triage(tmp_path, {"image": finding(), "ci-env": skipped("numpy")},
+                     "CVE-2026-1 torch not reachable here\n")
+    assert triaged.returncode == 0 and "WARNING: COULD NOT AUDIT" in triaged.stdout
 
 
 def test_malformed_triage_line_is_refused(tmp_path):
