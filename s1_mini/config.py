@@ -64,6 +64,9 @@ class EngineConfig:
     voice_registry_dir: str | None = None  # None: voices live in memory only
     voice_registry_size: int = 10_000
     reference_cache_size: int = 256  # inline reference audio encoded once per content hash
+    # Longest reference audio (registered or inline), checked from the file's header before
+    # decoding: the codec encoder's memory grows with the square of the length.
+    max_reference_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -112,6 +115,7 @@ class EngineConfig:
              "must be null or a non-empty path")
         need("voice_registry_size", self.voice_registry_size >= 1, "must be >= 1")
         need("reference_cache_size", self.reference_cache_size >= 0, "must be >= 0")
+        need("max_reference_seconds", self.max_reference_seconds > 0, "must be > 0")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "EngineConfig":

@@ -137,7 +137,8 @@ class ProductionTTSEngine:
             self._runner.compile(lambda fn, dynamic: compile_or_eager(
                 fn, mm.compile_backend, without_cudagraphs(c.compile_mode), fullgraph=True, dynamic=dynamic))
         self.voices = VoiceRegistry(c.voice_registry_dir, self._encode_reference,
-                                    max_cached=c.reference_cache_size, max_voices=c.voice_registry_size)
+                                    max_cached=c.reference_cache_size, max_voices=c.voice_registry_size,
+                                    max_reference_seconds=c.max_reference_seconds)
         self._scheduler = Scheduler(self._runner, mm.codec, c.max_queue_size, c.stream_chunk_frames,
                                     on_oom=lambda: mm.clear_cache(force=True))
         self._scheduler.start()
@@ -267,18 +268,22 @@ class ProductionTTSEngine:
         out = []
         for i, item in enumerate(references or []):
             field = "reference_audio" if reference_audio is not None else f"references[{i}]"
+            # the registry names its own parameters (audio, text, sample_rate): the
+            # request's names for them
+            names = ({"audio": "reference_audio", "sample_rate": "reference_audio", "text": "reference_text"}
+                     if reference_audio is not None else
+                     {"audio": f"{field}.audio", "sample_rate": f"{field}.audio", "text": f"{field}.text"})
             if not isinstance(item, (tuple, list)) or len(item) != 2:
                 raise ValueError(f"{field}: must be an (audio, text) pair")
             audio, text = item
             if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{'reference_text' if reference_audio is not None else field + '.text'}: "
-                                 "required (the transcript of the reference audio)")
+                raise ValueError(f"{names['text']}: required (the transcript of the reference audio)")
             try:
                 out.append(self.voices.encode_inline(audio, text))
-            except InvalidReferenceAudio as exc:
-                raise InvalidReferenceAudio(f"{field}: {exc}") from None
-            except (TypeError, ValueError) as exc:
-                raise InvalidReferenceAudio(f"{field}: {exc}") from None
+            except (TypeError, ValueError) as exc:  # VoiceError and the encoder's own input errors
+                name, sep, rule = str(exc).partition(": ")
+                message = f"{names[name]}: {rule}" if sep and name in names else f"{names['audio']}: {exc}"
+                raise InvalidReferenceAudio(message) from None
         return out
 
     def _response(self, outcome: Result | BaseException, request: Request | None) -> TTSResponse:

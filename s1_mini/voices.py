@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from s1_mini.codec.audio import audio_seconds
 from s1_mini.prompt import Reference
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,11 @@ class VoiceNotFound(VoiceError):
 
 class InvalidReferenceAudio(VoiceError):
     """Reference audio that cannot be read or encoded."""
+
+
+# The option a too-long reference is refused by; its name in a message marks the refusal
+# as "too large" for the servers (HTTP 413, see s1_mini.server.errors.from_engine).
+REFERENCE_LIMIT = "max_reference_seconds"
 
 
 class VoiceStorageError(VoiceError):
@@ -116,13 +122,22 @@ class VoiceRegistry:
     """
 
     def __init__(self, directory: str | Path | None, encode: Encoder, max_cached: int = 256,
-                 max_voices: int = 10_000, max_id_length: int = 64, max_text_length: int = 2000):
+                 max_voices: int = 10_000, max_id_length: int = 64, max_text_length: int = 2000,
+                 max_reference_seconds: float | None = None):
         for name, value, least in [("max_cached", max_cached, 0), ("max_voices", max_voices, 1),
                                    ("max_id_length", max_id_length, 1),
                                    ("max_text_length", max_text_length, 1)]:
             if not isinstance(value, int) or value < least:
                 raise ValueError(f"{name}: must be an integer >= {least}, got {value!r}")
+        if max_reference_seconds is not None and (isinstance(max_reference_seconds, bool)
+                                                  or not isinstance(max_reference_seconds, (int, float))
+                                                  or not 0 < max_reference_seconds < math.inf):
+            raise ValueError(f"max_reference_seconds: must be null or a finite number > 0, "
+                             f"got {max_reference_seconds!r}")
         self._encode = encode
+        # None: no limit (an encoder that is not the codec may take anything); the engine
+        # always sets EngineConfig.max_reference_seconds
+        self.max_reference_seconds = max_reference_seconds
         self.max_cached = max_cached
         self.max_voices = max_voices
         self.max_id_length = max_id_length
@@ -149,7 +164,7 @@ class VoiceRegistry:
         """Encode ``audio`` and store it as ``voice_id`` (replacing any voice of that id)."""
         self._check_id(voice_id)
         self._check_text(text)
-        audio, sample_rate = _check_audio(audio, sample_rate)
+        audio, sample_rate = self._check_audio(audio, sample_rate)
         with self._lock:
             self._check_room(voice_id)  # fail before the costly encode
         codes = self._encode_codes(audio, sample_rate)
@@ -196,7 +211,7 @@ class VoiceRegistry:
         concurrent first requests for the same audio may both encode it.
         """
         self._check_text(text)
-        audio, sample_rate = _check_audio(audio, sample_rate)
+        audio, sample_rate = self._check_audio(audio, sample_rate)
         key = (content_hash(audio), sample_rate)
         with self._lock:
             codes = self._inline.get(key)
@@ -228,6 +243,23 @@ class VoiceRegistry:
             raise VoiceError("text: must not be empty or only whitespace")
         if len(text) > self.max_text_length:
             raise VoiceError(f"text: must be at most {self.max_text_length} characters, got {len(text)}")
+
+    def _check_audio(self, audio: object, sample_rate: object) -> tuple[bytes | np.ndarray, int | None]:
+        audio, sample_rate = _check_audio(audio, sample_rate)
+        limit = self.max_reference_seconds
+        if limit is None:
+            return audio, sample_rate
+        # From the header (or the array's length), before anything is decoded: the codec
+        # encoder's memory grows with the square of the length, and a file of a few KB
+        # can declare hours of audio.
+        try:
+            seconds = audio_seconds(audio, sample_rate)
+        except ValueError as exc:  # AudioError: a file libsndfile cannot open
+            raise InvalidReferenceAudio(f"audio: cannot be used as a reference: {exc}") from exc
+        if seconds > limit:
+            got = "a file that does not state its length" if seconds == math.inf else f"{_seconds(seconds)} s"
+            raise InvalidReferenceAudio(f"audio: must be at most {limit:g} s ({REFERENCE_LIMIT}), got {got}")
+        return audio, sample_rate
 
     def _check_room(self, voice_id: str) -> None:
         if voice_id in self._voices:
@@ -330,6 +362,8 @@ def _check_audio(audio: object, sample_rate: object) -> tuple[bytes | np.ndarray
         raise InvalidReferenceAudio("audio: must not be empty")
     if audio.dtype.hasobject:
         raise InvalidReferenceAudio(f"audio: must be numeric samples, got {audio.dtype}")
+    if audio.ndim not in (1, 2):
+        raise InvalidReferenceAudio(f"audio: must be samples [L] or [L, channels], got shape {list(audio.shape)}")
     if sample_rate is None:
         return audio, None
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
@@ -341,6 +375,11 @@ def _frozen(codes: np.ndarray) -> np.ndarray:
     array = np.array(codes, dtype=np.int64)  # always a copy the registry owns
     array.flags.writeable = False
     return array
+
+
+def _seconds(value: float) -> str:
+    """A measured duration for a message: at most two decimals, no trailing zeros (1, 61.25)."""
+    return f"{value:.2f}".rstrip("0").rstrip(".")
 
 
 def _shorten(value: str, limit: int = 80) -> str:

@@ -30,6 +30,7 @@ INVALID, NOT_FOUND = ErrorCode.INVALID, ErrorCode.NOT_FOUND
 MAX_TEXT = 200
 WAV = sine_wav(0.05)  # short: the tiny model's context holds 256 positions (~0.37 s of audio)
 NOT_AUDIO = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+HOUR_AT_1_HZ = sine_wav(3600, rate=1)  # 7 KB whose header says one hour: past max_reference_seconds (30 s)
 
 
 def case(id: str, expect: Any, field: str, **inputs: Any) -> Any:
@@ -152,7 +153,12 @@ GENERATE = [
          reference_text="t"),
     case("reference-audio-objects", INVALID, "reference_audio", reference_audio=np.array(["a"], dtype=object),
          reference_text="t"),
+    # within max_reference_seconds, but more than the tiny model's context holds
     case("reference-audio-too-long", INVALID, "prompt", reference_audio=sine_wav(2.0), reference_text="t"),
+    case("reference-audio-past-the-limit", INVALID, "reference_audio", reference_audio=HOUR_AT_1_HZ,
+         reference_text="t"),
+    case("reference-audio-nan", INVALID, "reference_audio", reference_audio=np.full(100, np.nan, np.float32),
+         reference_text="t"),
     case("reference-text-missing", INVALID, "reference_text", reference_audio=WAV),
     case("reference-text-empty", INVALID, "reference_text", reference_audio=WAV, reference_text=""),
     case("reference-text-not-string", INVALID, "reference_text", reference_audio=WAV, reference_text=5),
@@ -164,8 +170,9 @@ GENERATE = [
     case("references-item-string", INVALID, "references[0]", references=["x"]),
     case("references-item-one", INVALID, "references[0]", references=[(WAV,)]),
     case("references-item-three", INVALID, "references[0]", references=[(WAV, "t", "extra")]),
-    case("references-item-junk", INVALID, "references[0]", references=[(b"junk", "t")]),
-    case("references-second-bad", INVALID, "references[1]", references=[(WAV, "t"), (NOT_AUDIO, "t")]),
+    case("references-item-junk", INVALID, "references[0].audio", references=[(b"junk", "t")]),
+    case("references-second-bad", INVALID, "references[1].audio", references=[(WAV, "t"), (NOT_AUDIO, "t")]),
+    case("references-past-the-limit", INVALID, "references[0].audio", references=[(HOUR_AT_1_HZ, "t")]),
     case("references-text-empty", INVALID, "references[0].text", references=[(WAV, "")]),
     case("references-text-none", INVALID, "references[0].text", references=[(WAV, None)]),
     case("references-with-id", INVALID, "reference_id", reference_id="narrator", references=[(WAV, "t")]),
@@ -252,6 +259,8 @@ REGISTER = [
     case("audio-junk", InvalidReferenceAudio, "audio", audio=b"junk"),
     case("audio-png", InvalidReferenceAudio, "audio", audio=NOT_AUDIO),
     case("audio-header-only", InvalidReferenceAudio, "audio", audio=WAV[:44]),
+    case("audio-past-the-limit", InvalidReferenceAudio, "audio", audio=HOUR_AT_1_HZ),
+    case("audio-inf", InvalidReferenceAudio, "audio", audio=np.full(100, np.inf, np.float32)),
     case("audio-string", InvalidReferenceAudio, "audio", audio="voice.wav"),
     case("audio-int", InvalidReferenceAudio, "audio", audio=5),
     case("audio-list", InvalidReferenceAudio, "audio", audio=[0.1, 0.2]),
@@ -349,6 +358,11 @@ CONFIG = [
     case("voice-dir-empty", EngineConfigError, "voice_registry_dir", voice_registry_dir=""),
     case("voice-registry-zero", EngineConfigError, "voice_registry_size", voice_registry_size=0),
     case("reference-cache-negative", EngineConfigError, "reference_cache_size", reference_cache_size=-1),
+    case("reference-seconds-zero", EngineConfigError, "max_reference_seconds", max_reference_seconds=0),
+    case("reference-seconds-negative", EngineConfigError, "max_reference_seconds", max_reference_seconds=-30),
+    case("reference-seconds-nan", EngineConfigError, "max_reference_seconds", max_reference_seconds=math.nan),
+    case("reference-seconds-inf", EngineConfigError, "max_reference_seconds", max_reference_seconds=math.inf),
+    case("reference-seconds-string", EngineConfigError, "max_reference_seconds", max_reference_seconds="30"),
 ]
 
 
@@ -369,6 +383,9 @@ ENVIRONMENT = [
     case("env-timeout-inf", EngineConfigError, "request_timeout_seconds", S1_MINI_REQUEST_TIMEOUT="inf"),
     case("env-device", EngineConfigError, "device", S1_MINI_DEVICE="gpu"),
     case("env-precision", EngineConfigError, "precision", S1_MINI_PRECISION="half"),
+    case("env-reference-seconds-word", EngineConfigError, "S1_MINI_MAX_REFERENCE_SECONDS",
+         S1_MINI_MAX_REFERENCE_SECONDS="long"),
+    case("env-reference-seconds-inf", EngineConfigError, "max_reference_seconds", S1_MINI_MAX_REFERENCE_SECONDS="inf"),
 ]
 
 
@@ -454,7 +471,8 @@ CONFIG_VALUES = st.fixed_dictionaries({}, optional={
                  "max_text_length", "text_piece_chars", "max_new_tokens", "max_batch_size", "max_seq_len",
                  "kv_cache_gb", "max_queue_size", "stream_chunk_frames", "warmup", "default_temperature",
                  "default_top_p", "default_repetition_penalty", "voice_registry_dir", "voice_registry_size",
-                 "reference_cache_size", "vram_clear_threshold_gb", "vram_clear_on_oom_only")})
+                 "reference_cache_size", "max_reference_seconds", "vram_clear_threshold_gb",
+                 "vram_clear_on_oom_only")})
 
 
 @settings(max_examples=400, deadline=None, database=None, derandomize=True)

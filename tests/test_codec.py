@@ -3,7 +3,9 @@ precision, audio input and the command line."""
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import re
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import torch
 
 from s1_mini.checkpoint import CheckpointError
 from s1_mini.codec import Codec, CodecConfig, CodecConfigError, encode_reference_audio, load_audio
+from s1_mini.codec.audio import AudioError, audio_seconds
 from s1_mini.codec.transformer import rope_table
 from s1_mini.testing.codec_checkpoint import TINY_CONFIG, write_codec_checkpoint
 
@@ -323,6 +326,41 @@ def test_load_audio_arrays():
     assert load_audio(np.zeros(22050, dtype=np.float32), sample_rate=22050).shape == (44100,)
     with pytest.raises(ValueError):
         load_audio(np.zeros((2, 3, 4)))
+
+
+def test_load_audio_refuses_non_finite_samples(tmp_path):
+    samples = np.zeros(100, dtype=np.float32)
+    samples[[3, 50]] = [np.nan, np.inf]
+    with pytest.raises(AudioError, match="samples must be finite numbers, got 2 NaN or infinite of 100"):
+        load_audio(samples)
+    soundfile.write(tmp_path / "nan.wav", samples, 44100, subtype="FLOAT")  # a float WAV can carry them too
+    with pytest.raises(AudioError, match="got 2 NaN or infinite"):
+        load_audio(tmp_path / "nan.wav")
+
+
+def test_unreadable_bytes_are_named_without_a_memory_address():
+    with pytest.raises(AudioError) as info:
+        load_audio(b"not audio")
+    assert str(info.value) == "cannot read audio bytes: Format not recognised."
+    with pytest.raises(AudioError) as info:
+        audio_seconds(b"not audio")
+    assert str(info.value) == "cannot read audio bytes: Format not recognised."
+
+
+def test_audio_seconds_reads_the_header_or_the_array_length(tmp_path):
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.zeros(16000, np.float32), 8000, format="FLAC")
+    flac = buffer.getvalue()
+    assert audio_seconds(flac) == 2.0
+    soundfile.write(tmp_path / "a.wav", np.zeros(441, np.float32), 44100)
+    assert audio_seconds(tmp_path / "a.wav") == 0.01
+    assert audio_seconds(np.zeros((22050, 2), np.int16)) == 0.5
+    assert audio_seconds(np.zeros(22050, np.float32), sample_rate=22050) == 1.0
+    # a FLAC whose header leaves the total at 0 (a streaming encoder) does not state its length
+    unknown = bytearray(flac)
+    unknown[21] &= 0xF0  # STREAMINFO's 36-bit total sample count: the low 4 bits of byte 21 and bytes 22-25
+    unknown[22:26] = bytes(4)
+    assert audio_seconds(bytes(unknown)) == math.inf
 
 
 def test_encode_reference_audio(codec, tmp_path):

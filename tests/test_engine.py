@@ -196,7 +196,12 @@ def test_long_text_is_generated_in_pieces(checkpoint):
     (dict(reference_audio=b"this is not audio at all", reference_text="hi"), ErrorCode.INVALID, "audio"),
     (dict(reference_audio=_sine_wav()), ErrorCode.INVALID, "reference_text: required"),
     (dict(references=[(_sine_wav(), "")]), ErrorCode.INVALID, "references[0].text: required"),
-    (dict(references=[(b"junk", "hi")]), ErrorCode.INVALID, "references[0]: "),
+    # the request's own field, and libsndfile's reason without its file object's memory address
+    (dict(references=[(b"junk", "hi")]), ErrorCode.INVALID,
+     "references[0].audio: cannot be used as a reference: cannot read audio bytes: Format not recognised."),
+    (dict(references=[(np.full(100, np.nan, np.float32), "hi")]), ErrorCode.INVALID,
+     "references[0].audio: cannot be used as a reference: samples must be finite numbers, got 100 NaN or "
+     "infinite of 100"),
     (dict(references=["x"]), ErrorCode.INVALID, "references[0]: must be an (audio, text) pair"),
     (dict(reference_id="narrator", references=[(_sine_wav(), "hi")]), ErrorCode.INVALID, "give only one of"),
 ])

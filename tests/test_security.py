@@ -371,11 +371,6 @@ def test_python_api_text_length_limit(engine):
         engine.register_voice("long_text", sine_wav(0.05), "y" * 2001)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "no limit on the duration of reference audio: EngineConfig has no max_reference_seconds (or any such "
-    "field) and VoiceRegistry/_check_audio decode whatever they get. A 1,386-byte FLAC holding 60 s of "
-    "silence makes the codec encoder try to allocate 27 GB (the attention mask in "
-    "s1_mini/codec/transformer.py) and a 7 KB one of 300 s 684 GB; 10 s costs ~30 s of CPU on the tiny codec"))
 def test_python_api_reference_duration_limit(clean_checkpoint):
     config = EngineConfig(checkpoint_path=str(clean_checkpoint), device="cpu", precision="float32",
                           compile_model=False, warmup=False, max_new_tokens=4, max_reference_seconds=0.5)

@@ -122,9 +122,46 @@ def test_audio_rules(encoder):
     assert len(reg) == 0
 
 
+def test_reference_duration_limit_is_checked_before_encoding(encoder):
+    reg = VoiceRegistry(None, encoder, max_reference_seconds=0.5)
+    long_wav = wav_bytes(1.0, rate=8000)
+    for register in (lambda audio, **kw: reg.register("v", audio, "hi", **kw),
+                     lambda audio, **kw: reg.encode_inline(audio, "hi", **kw)):
+        with pytest.raises(InvalidReferenceAudio) as info:
+            register(long_wav)
+        assert str(info.value) == "audio: must be at most 0.5 s (max_reference_seconds), got 1 s"
+        # an array: its length at its rate (44100 by default)
+        with pytest.raises(InvalidReferenceAudio, match=r"at most 0\.5 s .*, got 0\.75 s"):
+            register(np.zeros((33075, 2), np.float32))
+        with pytest.raises(InvalidReferenceAudio, match=r"got 1\.5 s"):
+            register(np.zeros(24000, np.int16), sample_rate=16000)
+        # a header that declares two hours of 1 Hz audio in 14 KB
+        with pytest.raises(InvalidReferenceAudio, match="got 7200 s"):
+            register(wav_bytes(7200, rate=1))
+        with pytest.raises(InvalidReferenceAudio, match="^audio: cannot be used as a reference: cannot read audio "
+                           "bytes: Format not recognised"):
+            register(b"not audio")
+    assert encoder.calls == 0 and len(reg) == 0  # nothing was decoded or encoded
+    assert reg.register("v", wav_bytes(0.5, rate=8000), "hi").id == "v"  # the limit itself is allowed
+    assert reg.encode_inline(np.zeros(22050, np.float32), "hi").codes.size
+    # no limit by default: an encoder that is not the codec may take what it likes
+    assert VoiceRegistry(None, encoder).register("v", b"any bytes", "hi").id == "v"
+
+
+def test_audio_arrays_must_be_one_or_two_dimensional(encoder):
+    reg = VoiceRegistry(None, encoder)
+    for shape in ((), (2, 3, 4)):
+        with pytest.raises(InvalidReferenceAudio, match=r"^audio: must be samples \[L\] or \[L, channels\]"):
+            reg.register("v", np.zeros(shape, np.float32), "hi")
+    assert encoder.calls == 0
+
+
 def test_constructor_rules(encoder, tmp_path):
     with pytest.raises(ValueError, match="max_voices: must be an integer >= 1"):
         VoiceRegistry(None, encoder, max_voices=0)
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "30"):
+        with pytest.raises(ValueError, match="max_reference_seconds: must be null or a finite number > 0"):
+            VoiceRegistry(None, encoder, max_reference_seconds=bad)
     (tmp_path / "file").write_text("")
     with pytest.raises(VoiceError, match="cannot be created"):
         VoiceRegistry(tmp_path / "file", encoder)

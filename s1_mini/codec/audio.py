@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,9 @@ if TYPE_CHECKING:
     from .model import Codec
 
 SAMPLE_RATE = 44100
+# libsndfile's frame count for a stream that does not state its length (a FLAC whose
+# header leaves the total at 0): reading it would try to allocate that many samples.
+UNKNOWN_FRAMES = 2**63 - 1
 
 AudioInput = str | Path | bytes | np.ndarray | torch.Tensor
 
@@ -36,21 +40,45 @@ def load_audio(audio: AudioInput, sample_rate: int | None = None) -> np.ndarray:
     if isinstance(audio, (str, Path, bytes)):
         if sample_rate is not None:
             raise AudioError("sample_rate is only for arrays; a file carries its own rate")
-        source = io.BytesIO(audio) if isinstance(audio, bytes) else audio
         try:
-            samples, sample_rate = soundfile.read(source, dtype="float32", always_2d=True)
+            samples, sample_rate = soundfile.read(_source(audio), dtype="float32", always_2d=True)
         except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError, TypeError, ...
-            name = "audio bytes" if isinstance(audio, bytes) else str(audio)
-            raise AudioError(f"cannot read {name}: {exc}") from exc
+            raise _unreadable(audio, exc) from exc
     else:
         samples = _array(audio)
         sample_rate = SAMPLE_RATE if sample_rate is None else sample_rate
     if sample_rate <= 0:
         raise AudioError(f"invalid sample rate {sample_rate}")
+    # NaN or inf would pass through resampling and the codec as meaningless codes
+    bad = samples.size - int(np.isfinite(samples).sum())
+    if bad:
+        raise AudioError(f"samples must be finite numbers, got {bad} NaN or infinite of {samples.size}")
     mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
     if sample_rate != SAMPLE_RATE and mono.size:
         mono = soxr.resample(mono, sample_rate, SAMPLE_RATE)
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def audio_seconds(audio: AudioInput, sample_rate: int | None = None) -> float:
+    """The duration of ``audio`` in seconds, without decoding it: a file's header
+    (frames / rate), or the length of an array ``[L]`` or ``[L, channels]`` at
+    ``sample_rate`` (default 44100), so that a length limit can refuse a long reference
+    before it costs memory and time. A file that does not state its length counts as
+    infinitely long."""
+    if isinstance(audio, (str, Path, bytes)):
+        try:
+            info = soundfile.info(_source(audio))
+        except Exception as exc:  # as in load_audio: whatever libsndfile or the file object raise
+            raise _unreadable(audio, exc) from exc
+        if info.frames >= UNKNOWN_FRAMES:
+            return math.inf
+        return info.frames / info.samplerate
+    rate = SAMPLE_RATE if sample_rate is None else sample_rate
+    if rate <= 0:
+        raise AudioError(f"invalid sample rate {rate}")
+    if audio.ndim not in (1, 2):
+        raise AudioError(f"expected samples [L] or [L, channels], got shape {list(audio.shape)}")
+    return audio.shape[0] / rate
 
 
 def encode_reference_audio(codec: "Codec", audio: AudioInput, sample_rate: int | None = None) -> np.ndarray:
@@ -59,6 +87,18 @@ def encode_reference_audio(codec: "Codec", audio: AudioInput, sample_rate: int |
     if samples.size == 0:
         raise AudioError("the audio is empty")
     return codec.encode(torch.from_numpy(samples)[None])[0].cpu().numpy()
+
+
+def _source(audio: str | Path | bytes) -> str | Path | io.BytesIO:
+    return io.BytesIO(audio) if isinstance(audio, bytes) else audio
+
+
+def _unreadable(audio: str | Path | bytes, exc: Exception) -> AudioError:
+    # libsndfile's own message names its file object (``<_io.BytesIO object at 0x…>``,
+    # a memory address for a client to see); its error string alone says what is wrong.
+    reason = exc.error_string if isinstance(exc, soundfile.LibsndfileError) else str(exc)
+    name = "audio bytes" if isinstance(audio, bytes) else str(audio)
+    return AudioError(f"cannot read {name}: {reason}")
 
 
 def _array(audio: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from s1_mini.server.api_tts import parse
 from s1_mini.server.bodies import read_body
-from s1_mini.server.errors import APIError, error_body, field_of
+from s1_mini.server.errors import APIError, error_body, field_of, too_large
 from s1_mini.server.schemas import (VOICE_ID_PATTERN, AddReferenceRequest, Deleted, DeleteReferenceRequest,
                                     ErrorResponse, FishAddResponse, FishDeleteResponse, FishListResponse, VoiceId,
                                     VoiceInfo, VoiceList, _decode_audio)
@@ -77,7 +77,7 @@ async def _register(engine: Any, voice_id: str, audio: bytes, text: str, overwri
         field = field_of(message)
         if field == "voice_id":
             message, field = id_field + message[len("voice_id"):], id_field
-        return _raise(422, "invalid_request", message, field)
+        return _raise(413 if too_large(message) else 422, "invalid_request", message, field)
     except Exception:  # noqa: BLE001 -- undecodable uploads can fail deep in the decoders
         log.warning("voice %r: audio could not be encoded", voice_id, exc_info=True)
         return _raise(422, "invalid_request", "audio: could not be decoded and encoded as audio", "audio")

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from s1_mini.scheduler import ErrorCode, TTSError
+from s1_mini.voices import REFERENCE_LIMIT
 
 log = logging.getLogger("s1_mini.server")
 
@@ -35,6 +36,10 @@ _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404:
                  413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
                  429: "rate_limit_error", 503: "server_overloaded", 504: "timeout"}
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\[\]]*): ")
+# Limits on how much a request carries: the engine refuses past them as invalid_request with
+# "<field>: must be at most <limit> (<option>), got ..."; over HTTP that is 413 Payload Too
+# Large, not a 400. Matched at the start only, where no client text can appear.
+_TOO_LARGE = re.compile(rf"^[A-Za-z_][A-Za-z0-9_.\[\]]*: must be at most [^,(]* \({REFERENCE_LIMIT}\)")
 
 
 class APIError(Exception):
@@ -67,11 +72,18 @@ def field_of(message: str) -> str | None:
     return match.group(1) if match else None
 
 
+def too_large(message: str) -> bool:
+    """Whether an engine message refuses a request for carrying more than a limit allows."""
+    return _TOO_LARGE.match(message) is not None
+
+
 def from_engine(code: str, message: str, fields: dict[str, str] | None = None,
                 retry_after: int = 1) -> APIError:
     """An engine failure (TTSError or a failed TTSResponse) as an APIError; ``fields``
     renames the engine's parameter names to the API's (e.g. voice_id -> voice)."""
     status = STATUS.get(code, 500)
+    if code == ErrorCode.INVALID and too_large(message):
+        status = 413
     field = field_of(message)
     if field and fields and field in fields:
         renamed = fields[field]
