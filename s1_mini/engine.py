@@ -27,7 +27,7 @@ from s1_mini.compilation import compile_or_eager, resolve_backend, without_cudag
 from s1_mini.config import MAX_TIMEOUT_S, EngineConfig, check_seed
 from s1_mini.generation import GenerationError, resolve_max_new_tokens
 from s1_mini.model import DualARTransformer, load_text2semantic
-from s1_mini.prompt import PromptError, Reference, build_prompt
+from s1_mini.prompt import PromptError, Reference, build_prompt, target_length
 from s1_mini.runner import ModelRunner
 from s1_mini.sampler import SamplingParams
 from s1_mini.scheduler import ErrorCode, Request, Result, Scheduler, Timings, TTSError
@@ -235,8 +235,14 @@ class ProductionTTSEngine:
                 raise ValueError(f"max_new_tokens: must be an integer, got {n!r}")
             references = self._references(reference_id, reference_audio, reference_text, references)
             model = mm.model
+            pieces = split_text(text, c.text_piece_chars)
             prompts = [build_prompt(mm.tokenizer, piece, references, model.config.num_codebooks,
-                                    model.config.codebook_size) for piece in split_text(text, c.text_piece_chars)]
+                                    model.config.codebook_size) for piece in pieces]
+            prefix = None
+            if reference_id is not None:  # a registered voice: its prompt part can come from the prefix cache
+                voice = self.voices.get(reference_id)
+                prefix = ((voice.id, voice.content_hash, voice.text),
+                          prompts[0].shape[1] - target_length(mm.tokenizer, pieces[0]))
             limit = self._runner.max_seq_len
             n = min(resolve_max_new_tokens(p.shape[1], n, limit) for p in prompts)
         except VoiceNotFound as exc:
@@ -245,7 +251,7 @@ class ProductionTTSEngine:
             raise TTSError(ErrorCode.INVALID, str(exc)) from None
         generator = torch.Generator(mm.device).manual_seed(secrets.randbits(63) if seed is None else seed)
         deadline = time.monotonic() + (c.request_timeout_seconds if timeout is None else timeout)
-        return Request(prompts, n, params, generator, deadline, on_chunk)
+        return Request(prompts, n, params, generator, deadline, on_chunk, prefix=prefix)
 
     def _references(self, reference_id: str | None, reference_audio: Any, reference_text: str | None,
                     references: Any = None) -> list[Reference]:

@@ -77,3 +77,10 @@ def _check_codes(codes: np.ndarray, index: int, tokenizer: Tokenizer, num_codebo
     if codes.max() >= codebook_size:
         raise PromptError(f"{field}: codes must be < codebook_size {codebook_size}")
     return codes
+
+
+def target_length(tokenizer: Tokenizer, text: str) -> int:
+    """Columns of the prompt's last part, ``<|speaker:0|> TARGET_TEXT``: everything
+    before it (``<|interleave|>`` and the reference turns) is the same for every
+    request with the same references, which is what the runner's prefix cache reuses."""
+    return len(tokenizer.encode(SPEAKER)) + len(tokenizer.encode(text))

@@ -7,7 +7,8 @@ own penalty window, sampling parameters and generator (spec §5.3-§5.6).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -136,6 +137,7 @@ class PrefillInputs:
             return torch.zeros(shape, dtype=dtype, device=device)
 
         self.tokens = zeros(1, width, length)
+        self.offset = zeros(1)  # the first position: > 0 after a cached prefix
         self.last = zeros(1)
         self.slot = zeros(1)
         self.seed = zeros(1)
@@ -145,9 +147,11 @@ class PrefillInputs:
         self.top_p = zeros(1, 1, dtype=dtype)
         self.penalty = zeros(1, 1, dtype=dtype)
 
-    def load(self, seq: "SequenceState") -> None:
-        T = seq.prompt.shape[1]
-        self.tokens[0, :, :T] = seq.prompt
+    def load(self, seq: "SequenceState", start: int) -> None:
+        """The prompt from position ``start`` (the columns before it are in the cache)."""
+        T = seq.prompt.shape[1] - start
+        self.tokens[0, :, :T] = seq.prompt[:, start:]
+        self.offset.fill_(start)
         self.last.fill_(T - 1)
         self.slot.fill_(seq.slot)
         self.seed.fill_((seq.seed or 0) % 2**63)
@@ -158,11 +162,43 @@ class PrefillInputs:
 
 def prefill_step(model: DualARTransformer, inputs: PrefillInputs, length: int, block: BlockFn = run_block) -> Tensor:
     """The first frame ``[N+1]`` of the prompt in ``inputs``, run padded to ``length``
-    positions, with counter noise. Pure tensor work: captured per length bucket."""
+    positions, with counter noise. Pure tensor work: captured per length bucket.
+    Padding past the cache's end all lands on its last position (never read before a
+    decode step rewrites it)."""
     sampling = BatchSampling(inputs.temperature, inputs.top_p, inputs.penalty,
                              counter_noise(inputs.seed, inputs.step), inputs.greedy)
-    return decode_frame(model, inputs.tokens[:, :, :length], torch.arange(length, device=inputs.tokens.device)[None],
-                        inputs.slot, sampling, None, None, block=block, at=inputs.last)[0]
+    end = model.slow_caches[0].k.shape[2] - 1
+    pos = (inputs.offset + torch.arange(length, device=inputs.tokens.device)).clamp(max=end)[None]
+    return decode_frame(model, inputs.tokens[:, :, :length], pos, inputs.slot, sampling, None, None,
+                        block=block, at=inputs.last)[0]
+
+
+class PrefixCache:
+    """The slow stack's K/V of a registered voice's prompt part (``<|interleave|>`` and
+    its reference turns), saved from the first request that prefills it and copied into
+    the slot of every later one, which then prefills only its own text. At most
+    ``capacity`` entries, least recently used out first. Keys name the voice's content
+    (id, audio hash, transcript), so a voice registered again never meets its old entry."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.entries: OrderedDict[Hashable, list[tuple[Tensor, Tensor]]] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: Hashable) -> list[tuple[Tensor, Tensor]] | None:
+        kv = self.entries.get(key)
+        if kv is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+            self.entries.move_to_end(key)
+        return kv
+
+    def put(self, key: Hashable, kv: list[tuple[Tensor, Tensor]]) -> None:
+        self.entries[key] = kv
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
 
 
 @dataclass(eq=False)  # identity, like the slot it holds
@@ -176,6 +212,7 @@ class SequenceState:
     params: SamplingParams
     seed: int | None
     generator: torch.Generator | None = None
+    prefix: tuple[Hashable, int] | None = None  # (key, columns): a prompt part the prefix cache may hold
     slot: int = -1
     frames: list[Tensor] = field(default_factory=list)  # generated frames [N+1], on the CPU
     finished: bool = False
@@ -213,7 +250,8 @@ class ModelRunner:
     noise, and the host only replays a graph and reads the frames back.
     """
 
-    def __init__(self, model: DualARTransformer, im_end_id: int, max_batch_size: int, max_seq_len: int) -> None:
+    def __init__(self, model: DualARTransformer, im_end_id: int, max_batch_size: int, max_seq_len: int,
+                 prefix_cache_size: int = 16) -> None:
         self.model = model
         self.im_end_id = im_end_id
         self.max_batch_size = max_batch_size
@@ -222,6 +260,7 @@ class ModelRunner:
         self.dtype = model.embeddings.weight.dtype
         self.free_slots = list(range(max_batch_size))
         self.occupied: dict[int, SequenceState] = {}
+        self.prefix_cache = PrefixCache(prefix_cache_size)
         # Test hook: called at the start of every prefill and decode step (fault injection).
         self.fault_hook: Callable[[str], None] | None = None
         self.sample_fn: SampleFn = sample
@@ -286,9 +325,10 @@ class ModelRunner:
         if self.fault_hook:
             self.fault_hook("prefill")
         T = seq.prompt.shape[1]
+        start = self._restore_prefix(seq)
         if self.counter_noise:
-            self.prefill_inputs.load(seq)
-            length = next(n for n in self.prefill_lengths if n >= T)
+            self.prefill_inputs.load(seq, start)
+            length = next(n for n in self.prefill_lengths if n >= T - start)
             if self.prefill_graphs:
                 graph, frame = self.prefill_graphs[length]
                 graph.replay()
@@ -297,12 +337,33 @@ class ModelRunner:
         else:
             sampling = BatchSampling.build([seq.params], None if seq.seed is None else [seq.generator],
                                            self.dtype, self.device)
-            frame = decode_frame(self.model, seq.prompt[None].to(self.device).long(),
-                                 torch.arange(T, device=self.device)[None],
+            frame = decode_frame(self.model, seq.prompt[None, :, start:].to(self.device).long(),
+                                 torch.arange(start, T, device=self.device)[None],
                                  torch.tensor([seq.slot], device=self.device), sampling, None, None)[0]
+        if seq.prefix is not None and start == 0 and self.prefix_cache.capacity and 0 < seq.prefix[1] < T:
+            P = seq.prefix[1]
+            self.prefix_cache.put(seq.prefix[0], [(c.k[seq.slot, :, :P].clone(), c.v[seq.slot, :, :P].clone())
+                                                  for c in self.model.slow_caches])
         self.state.reset(seq.slot, frame, T, seq.params, seq.seed)
         seq.frames.append(frame.cpu())
         seq.finished = seq.max_new_tokens <= 1
+
+    def _restore_prefix(self, seq: SequenceState) -> int:
+        """Copy a cached prompt prefix into the sequence's slot; returns the columns to
+        skip (0 when nothing is cached). At least one column is always prefilled: the
+        frame comes from the last one."""
+        if seq.prefix is None or not self.prefix_cache.capacity:
+            return 0
+        key, P = seq.prefix
+        if not 0 < P < seq.prompt.shape[1]:
+            return 0
+        kv = self.prefix_cache.get(key)
+        if kv is None:
+            return 0
+        for cache, (k, v) in zip(self.model.slow_caches, kv):
+            cache.k[seq.slot, :, :P] = k
+            cache.v[seq.slot, :, :P] = v
+        return P
 
     @torch.inference_mode()
     def decode(self, seqs: Sequence[SequenceState]) -> None:

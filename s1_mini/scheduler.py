@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -79,6 +79,7 @@ class Request:
     generator: torch.Generator
     deadline: float  # time.monotonic()
     on_chunk: Callable[[np.ndarray], None] | None = None  # streaming: called from the scheduler thread
+    prefix: tuple[Hashable, int] | None = None  # a registered voice's prompt part: (key, columns), every piece
     future: Future = field(default_factory=Future)
     submitted_at: float = field(default_factory=time.monotonic)
     timings: Timings = field(default_factory=Timings)
@@ -159,7 +160,8 @@ class Scheduler:
         return {"queue_depth": self._pending, "active": len(self._active),
                 "streams": sum(r.streaming for r in self._active), "steps": self.steps,
                 "peak_batch": self.peak_batch, "kv_slots_used": self.runner.max_batch_size - len(self.runner.free_slots),
-                "kv_slots_total": self.runner.max_batch_size}
+                "kv_slots_total": self.runner.max_batch_size,
+                "prefix_cache_hits": self.runner.prefix_cache.hits, "prefix_cache_misses": self.runner.prefix_cache.misses}
 
     # -- the scheduler thread -----------------------------------------------------
 
@@ -235,7 +237,7 @@ class Scheduler:
         # The generator carries the request's seed; each piece gets its own counter-noise
         # seed (a compiled runner), while an eager runner draws every piece from it in turn.
         seed = (r.generator.initial_seed() + r.piece * 0x9E3779B97F4A7C15) % 2**63
-        r.seq = SequenceState(r.prompts[r.piece], r.max_new_tokens, r.params, seed, r.generator)
+        r.seq = SequenceState(r.prompts[r.piece], r.max_new_tokens, r.params, seed, r.generator, r.prefix)
         r.emitted = 0
         self.runner.acquire(r.seq)
         start = time.perf_counter()

@@ -382,3 +382,40 @@ def test_a_dead_scheduler_thread_fails_its_requests(checkpoint):
         refused = e.generate("Too late.", seed=2)
         assert not refused.success and refused.error_code == ErrorCode.STOPPED
         assert not e.health_check()["healthy"]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-path"])
+def test_voice_prefix_cache_gives_the_same_codes(checkpoint, compiled):
+    """The second request with a registered voice copies the voice's prompt part from the
+    prefix cache and prefills only its own text: same codes as the first, which
+    prefilled everything; long texts (several pieces) too; a voice registered again
+    under the same id with other audio does not reuse the old entry."""
+    with ProductionTTSEngine(_config(checkpoint, text_piece_chars=100)) as e:
+        if compiled:
+            e._runner.compile(lambda fn, dynamic: fn)  # padded prefill from an offset
+        e.register_voice("cached", _sine_wav(), "The cached voice speaking.")
+        texts = ["First request with the voice.", "A longer text. " * 8 + "It has several pieces."]
+        caches = e._runner.model.slow_caches
+
+        def prompt_kv() -> list[torch.Tensor]:  # slot 0, the voice's part and the first target columns
+            P = next(iter(e._runner.prefix_cache.entries.values()))[0][0].shape[1]
+            return [t[0, :, :P + 5].clone() for c in caches for t in (c.k, c.v)]
+
+        for i, text in enumerate(texts):
+            first = e.generate(text, reference_id="cached", seed=3)
+            kv_first = prompt_kv()
+            # Another prompt through the same slot, so that the cache positions the
+            # voice's part needs hold something else unless the prefix cache restores them.
+            assert e.generate("Something else entirely to overwrite the slot with a prompt longer than the voice part",
+                              seed=4).success
+            again = e.generate(text, reference_id="cached", seed=3)
+            _assert_audio(again, e)
+            np.testing.assert_array_equal(first.codes, again.codes)
+            if i == 0:  # one piece: slot 0 holds this prompt in both runs
+                for a, b in zip(kv_first, prompt_kv()):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        stats = e.health_check()
+        assert stats["prefix_cache_misses"] == 1 and stats["prefix_cache_hits"] >= 3
+        e.register_voice("cached", _sine_wav(0.07), "The cached voice speaking.")
+        e.generate(texts[0], reference_id="cached", seed=3)
+        assert e.health_check()["prefix_cache_misses"] == 2
