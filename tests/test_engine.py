@@ -419,3 +419,24 @@ def test_voice_prefix_cache_gives_the_same_codes(checkpoint, compiled):
         e.register_voice("cached", _sine_wav(0.07), "The cached voice speaking.")
         e.generate(texts[0], reference_id="cached", seed=3)
         assert e.health_check()["prefix_cache_misses"] == 2
+
+
+def test_model_fn_uses_a_shipped_compile_cache(checkpoint, tmp_path, monkeypatch):
+    """A compile-cache/ directory in model.tar.gz's checkpoint is copied somewhere writable
+    and becomes the engine's compile_cache_dir (inductor's TORCHINDUCTOR_CACHE_DIR)."""
+    import shutil
+
+    from s1_mini.sagemaker.handlers import COMPILE_CACHE, model_fn
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(checkpoint, model_dir)
+    (model_dir / COMPILE_CACHE / "fxgraph").mkdir(parents=True)
+    (model_dir / COMPILE_CACHE / "fxgraph" / "entry").write_text("kernels")
+    for name, value in dict(S1_MINI_DEVICE="cpu", S1_MINI_PRECISION="float32", S1_MINI_WARMUP="false").items():
+        monkeypatch.setenv(name, value)
+    engine = model_fn(str(model_dir))
+    try:
+        copied = Path(engine.config.compile_cache_dir)
+        assert copied != model_dir / COMPILE_CACHE and (copied / "fxgraph" / "entry").read_text() == "kernels"
+    finally:
+        engine.stop()

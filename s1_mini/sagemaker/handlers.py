@@ -16,6 +16,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,11 @@ class Prediction:
 # ---------------------------------------------------------------------------- model
 
 
+# A directory in the checkpoint holding inductor's cache (TORCHINDUCTOR_CACHE_DIR) of a
+# run on the same GPU type and image: start-up then loads kernels instead of compiling.
+COMPILE_CACHE = "compile-cache"
+
+
 def find_checkpoint(model_dir: str | Path) -> Path:
     """The checkpoint inside the extracted model.tar.gz: the model dir itself, or the
     one sub-directory that holds ``config.json`` and ``model.pth``."""
@@ -80,7 +87,14 @@ def find_checkpoint(model_dir: str | Path) -> Path:
 def model_fn(model_dir: str, context: Any = None) -> ProductionTTSEngine:
     """Build, compile (inductor on GPU, per EngineConfig) and warm up the engine from
     the extracted ``model.tar.gz``; options come from the ``S1_MINI_*`` variables."""
-    config = EngineConfig.from_env(checkpoint_path=str(find_checkpoint(model_dir)))
+    checkpoint = find_checkpoint(model_dir)
+    config = EngineConfig.from_env(checkpoint_path=str(checkpoint))
+    shipped = checkpoint / COMPILE_CACHE
+    if config.compile_cache_dir is None and shipped.is_dir():
+        # A cache made on the same GPU type and image, shipped in model.tar.gz: copied,
+        # because inductor writes to its cache and the model directory is read-only.
+        config = config.replace(compile_cache_dir=str(shutil.copytree(
+            shipped, Path(tempfile.mkdtemp(prefix="s1-mini-")) / COMPILE_CACHE)))
     return ProductionTTSEngine(config).start()
 
 
