@@ -1,8 +1,11 @@
 """The model runner: KV-cache slots, prefill into a slot, one batched decode step.
 
-It owns the text-to-semantic model's caches. Each running sequence holds one slot; a
-decode step runs every given sequence together, each at its own position with its
-own penalty window, sampling parameters and generator (spec §5.3-§5.6).
+It owns the text-to-semantic model's caches and, per slot, the state a decode step
+reads and advances (last frame, position, penalty window, sampling parameters, seed).
+Each running sequence holds one slot; a decode step runs the slots together, each at
+its own position (spec §5.3-§5.6). Compiled on CUDA, decode and prefill are replayed
+as CUDA graphs (one per batch bucket, one per prompt-length bucket), and a voice's
+prompt part can come from the prefix cache.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import Tensor
 from s1_mini.model import BlockFn, DualARTransformer, run_block
 from s1_mini.sampler import BatchSampling, NoiseFn, SamplingParams, counter_noise, generator_noise, sample
 
-SampleFn = Callable[[Tensor, Tensor | None, BatchSampling, int], Tensor]
+SampleFn = Callable[[Tensor, Tensor | None, BatchSampling, "int | Tensor"], Tensor]
 
 # Decode steps look back this many frames for the repetition penalty (§5.5).
 PENALTY_WINDOW = 16
