@@ -20,13 +20,10 @@ file; SIGTERM drains in-flight requests and exits 0.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
-import signal
 import socket
 import sys
-from collections.abc import Iterator
 
 GRACEFUL_SHUTDOWN_S = 25  # SageMaker sends SIGKILL 30 s after SIGTERM
 SERVERS = ("front", "mms")
@@ -59,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from s1_mini.archive import ArchiveError
     from s1_mini.sagemaker.front import EXIT_MODEL_FAILED, Settings, create_app, prepare_model_dir
     from s1_mini.sagemaker.router import create_router_app, engine_count
+    from s1_mini.server.draining import DrainingServer
 
     try:
         prepare_model_dir(Settings())
@@ -66,20 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the model archive cannot be used: {exc}", file=sys.stderr)
         return EXIT_MODEL_FAILED
 
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            # SageMaker stops a container with SIGTERM and expects it to drain and exit 0;
-            # uvicorn's own handler re-raises the signal after shutting down (exit -15).
-            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGTERM, signal.SIGINT)}
-            try:
-                yield
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
-
     failed: list[str] = []
-    server: Server | None = None
+    server: DrainingServer | None = None
 
     def on_model_failure(message: str) -> None:
         failed.append(message)
@@ -96,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         app = create_app(on_load_failure=on_model_failure)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=False,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-    server = Server(config)
+    server = DrainingServer(config)
     server.run()
     if failed:
         print(f"error: loading the model failed: {failed[0]}", file=sys.stderr)

@@ -11,11 +11,8 @@ the models cannot load (a one-line error naming the file), 2 for a bad option.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import signal
 import sys
-from collections.abc import Iterator
 
 from s1_mini.config import COMPILE_BACKENDS, PRECISIONS, EngineConfig, EngineConfigError
 from s1_mini.server.options import ServerOptions
@@ -65,24 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from s1_mini.server.app import create_app
+    from s1_mini.server.draining import DrainingServer
 
     logging.basicConfig(level=options.log_level.upper() if options.log_level != "trace" else "DEBUG",
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            # A stop request is a normal end (exit 0 after the drain); uvicorn's own
-            # handler re-raises the signal after shutting down, so the status would be -15.
-            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGTERM, signal.SIGINT)}
-            try:
-                yield
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
-
     failed: list[BaseException] = []
-    server: Server | None = None
+    server: DrainingServer | None = None
 
     def on_load_failure(exc: BaseException) -> None:
         failed.append(exc)
@@ -90,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             server.should_exit = True  # a server that cannot load its models exits non-zero
 
     app = create_app(config, options, on_load_failure=on_load_failure)
-    server = Server(uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
+    server = DrainingServer(uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
                                    timeout_graceful_shutdown=10, proxy_headers=False))
     server.run()
     if failed:
