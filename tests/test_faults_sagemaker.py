@@ -10,6 +10,7 @@ on /ping (tests/test_sagemaker_front.py)."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -21,11 +22,13 @@ from pathlib import Path
 import httpx
 import pytest
 from test_sagemaker_front import Container, _wav
+from test_security_http import peak_rss_reset, post_declared, rss_kb
 
 from s1_mini.testing.make_checkpoint import make_checkpoint
 
 STREAM = {"X-Amzn-SageMaker-Forwarded-Api": "InvokeEndpointWithResponseStream"}
 TIMEOUT_S = 6  # S1_MINI_REQUEST_TIMEOUT of the shared front
+PAYLOAD_LIMIT = 6 * 1024 * 1024  # SAGEMAKER_MAX_PAYLOAD_IN_MB's default
 
 # The handlers of the model archive: ours, plus fault switches read at every step.
 FAULTY_INFERENCE = '''
@@ -194,6 +197,30 @@ def test_invocation_past_the_timeout_is_504_and_the_next_works(front):
     body = _idle(front, within=5)
     assert body["kv_slots_used"] == 0
     _wav(front.client.post("/invocations", json={"text": "The next one works.", "seed": 5}))
+
+
+def _chunked(total: int, piece: int = 1 << 16):
+    """A body of ``total`` spaces with no Content-Length (httpx sends it chunked)."""
+    for start in range(0, total, piece):
+        yield b" " * min(piece, total - start)
+
+
+def _assert_body_limit(c: Container) -> None:
+    """A chunked body past the default 6 MB payload limit is a 413 naming body and the
+    limit; a small chunked body is served."""
+    r = c.client.post("/invocations", content=_chunked(PAYLOAD_LIMIT + 1), headers={"content-type": "text/plain"})
+    assert r.status_code == 413, r.text
+    error = r.json()["error"]
+    assert error["field"] == "body" and error["code"] == "payload_too_large"
+    assert error["message"] == (f"body: must be at most 6 MB ({PAYLOAD_LIMIT} bytes, SAGEMAKER_MAX_PAYLOAD_IN_MB); "
+                                "use async inference for larger requests")
+    body = json.dumps({"text": "A chunked body.", "seed": 14}).encode()
+    _wav(c.client.post("/invocations", content=iter([body[:10], body[10:]]),
+                       headers={"content-type": "application/json"}))
+
+
+def test_chunked_body_over_the_payload_limit_is_413(front):
+    _assert_body_limit(front)
 
 
 def test_sigterm_with_a_stream_and_an_invocation_in_flight_exits_0(front):
@@ -382,3 +409,13 @@ def test_dead_engine_thread_is_seen_and_its_engine_restarted(router):
     caller.join(60)
     _wav(answer["r"])  # the request on the dead engine was answered by the other one
     _wav(router.client.post("/invocations", json={"text": "Both engines again.", "seed": 9}))
+
+
+def test_router_refuses_an_oversized_body_before_reading_it(router):
+    pid = router.process.pid  # serve is the router; the engines are its children
+    peak_rss_reset(pid)
+    before = rss_kb(pid, "VmRSS")
+    status, sent = post_declared(router.port, "/invocations", 256 << 20, {"Content-Type": "application/json"})
+    assert status in (413, None) and sent < 64 << 20
+    assert rss_kb(pid, "VmHWM") - before < 32 << 10
+    _assert_body_limit(router)

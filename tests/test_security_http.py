@@ -306,10 +306,6 @@ def test_front_body_and_text_limits(front):
     assert realtime.status_code == 413 and error_of(realtime)["field"] == "text" and "(50," in error_of(realtime)["message"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "s1_mini/sagemaker/front.py invocations() reads the whole body (await request.body()) before comparing "
-    "its length with SAGEMAKER_MAX_PAYLOAD_IN_MB, and ignores Content-Length: a 256 MB body is read in full "
-    "(peak RSS grows by ~256 MB or more) before the 413"))
 def test_front_oversized_body_is_refused_without_reading_it(front):
     pid = front.process.pid
     peak_rss_reset(pid)

@@ -39,6 +39,7 @@ from s1_mini.sagemaker import handlers as default_handlers
 from s1_mini.server.audio_formats import KNOWN
 from s1_mini.server.errors import APIError, error_response
 from s1_mini.server.metrics import Metrics
+from s1_mini.server.middleware import BodyLimit
 from s1_mini.server.synthesis import Synthesizer
 
 log = logging.getLogger("s1_mini.sagemaker")
@@ -49,6 +50,8 @@ STREAM_API = "InvokeEndpointWithResponseStream"
 REALTIME_API = "InvokeEndpoint"
 MODEL_ARCHIVE = "model.tar.gz"
 EXTRACTED_DIR = "extracted"  # where a model dir's own model.tar.gz is extracted to
+# The end of a 413 for a body past SAGEMAKER_MAX_PAYLOAD_IN_MB: what a larger request can use.
+PAYLOAD_HINT = "; use async inference for larger requests"
 EXIT_MODEL_FAILED = 3  # serve's exit status when the model cannot load: restarting will not help
 # Load failures whose message says what is wrong and where: one log line, no traceback.
 EXPLAINED_FAILURES = (CheckpointError, EngineConfigError, ArchiveError, OSError)
@@ -170,6 +173,8 @@ def create_app(settings: Settings | None = None,
 
     app = FastAPI(title="s1-mini SageMaker serving", lifespan=lifespan)
     app.state.front = front
+    app.add_middleware(BodyLimit, max_mb=front.settings.max_payload_mb, setting="SAGEMAKER_MAX_PAYLOAD_IN_MB",
+                       hint=PAYLOAD_HINT)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -198,11 +203,7 @@ def create_app(settings: Settings | None = None,
     async def invocations(request: Request) -> Response:
         if front.engine is None:
             raise APIError(503, "engine_stopped", "the model is still loading", None, {"Retry-After": "5"})
-        raw = await request.body()
-        if len(raw) > front.settings.max_payload_mb * 1024 * 1024:
-            raise APIError(413, "payload_too_large",
-                           f"body: {len(raw)} bytes exceeds {front.settings.max_payload_mb} MB; use async inference",
-                           "body")
+        raw = await request.body()  # at most max_payload_mb: BodyLimit refused anything larger unread
         content_type = request.headers.get("content-type", "application/json")
         data = await asyncio.to_thread(front.handler("input_fn"), raw, content_type)
         if _wants_stream(request, data):

@@ -32,8 +32,9 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from s1_mini.sagemaker.front import EXIT_MODEL_FAILED
+from s1_mini.sagemaker.front import EXIT_MODEL_FAILED, PAYLOAD_HINT, Settings
 from s1_mini.server.errors import APIError, error_response
+from s1_mini.server.middleware import BodyLimit
 from s1_mini.server.synthesis import ManagedStream
 
 log = logging.getLogger("s1_mini.sagemaker.router")
@@ -182,6 +183,9 @@ def create_router_app(count: int, ports: list[int], gpus: bool,
 
     app = FastAPI(title="s1-mini SageMaker router", lifespan=lifespan)
     app.state.router = router
+    # The engines check the same limit, but the router would have read the whole body to forward it.
+    app.add_middleware(BodyLimit, max_mb=Settings().max_payload_mb, setting="SAGEMAKER_MAX_PAYLOAD_IN_MB",
+                       hint=PAYLOAD_HINT)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
