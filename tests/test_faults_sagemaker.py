@@ -199,6 +199,30 @@ def test_invocation_past_the_timeout_is_504_and_the_next_works(front):
     _wav(front.client.post("/invocations", json={"text": "The next one works.", "seed": 5}))
 
 
+def test_stream_past_its_timeout_is_aborted_not_ended(front):
+    """A stream that fails after its headers (here: its request timeout) breaks the
+    connection off: with an open-ended WAV header, a clean end would pass for complete audio."""
+    _slow(front, 0.3)  # 200 frames take a minute: the 6 s timeout ends it mid-stream
+    try:
+        with httpx.Client(base_url=front.url, timeout=30) as other, \
+                other.stream("POST", "/invocations", headers=STREAM,
+                             json={"text": "A stream that runs out of time.", "max_new_tokens": 200, "seed": 10}) as r:
+            assert r.status_code == 200
+            start = time.monotonic()
+            received = b""
+            with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"):
+                for chunk in r.iter_raw():
+                    received += chunk
+        elapsed = time.monotonic() - start
+    finally:
+        _slow(front, None)
+    assert received[:4] == b"RIFF" and elapsed < TIMEOUT_S + 5
+    log = front.log()
+    assert "stream aborted after" in log and "(timeout); closing the connection" in log, log[-3000:]
+    assert _idle(front, within=5)["kv_slots_used"] == 0
+    _wav(front.client.post("/invocations", json={"text": "After the aborted stream.", "seed": 11}))
+
+
 def _chunked(total: int, piece: int = 1 << 16):
     """A body of ``total`` spaces with no Content-Length (httpx sends it chunked)."""
     for start in range(0, total, piece):
@@ -419,3 +443,24 @@ def test_router_refuses_an_oversized_body_before_reading_it(router):
     assert status in (413, None) and sent < 64 << 20
     assert rss_kb(pid, "VmHWM") - before < 32 << 10
     _assert_body_limit(router)
+
+
+def test_router_breaks_off_a_stream_whose_engine_dies(router):
+    _slow(router, 0.1)  # 200 frames: 20 s
+    try:
+        with httpx.Client(base_url=router.url, timeout=30) as other, \
+                other.stream("POST", "/invocations", headers=STREAM,
+                             json={"text": "A stream whose engine dies.", "max_new_tokens": 200, "seed": 17}) as r:
+            assert r.status_code == 200
+            chunks = r.iter_raw()
+            next(chunks)
+            serving = next(e for e in _ping(router)[1]["engines"] if e["in_flight"] == 1)
+            os.kill(serving["pid"], signal.SIGKILL)
+            with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"):
+                for _ in chunks:
+                    pass
+    finally:
+        _slow(router, None)
+    assert f"engine {serving['index']}: its answer broke off" in router.log()
+    _ping_when(router, lambda status, _: status == 200, 120, "the killed engine was not restarted")
+    _wav(router.client.post("/invocations", json={"text": "After the broken stream.", "seed": 18}))

@@ -2,8 +2,9 @@
 CPU), injected by real mechanisms: requests past their timeout, SIGTERM with requests
 in flight, a voice registry on a full disk (RLIMIT_FSIZE in the server process) or in a
 read-only directory (mode 0555, and a server process without the capabilities that let
-root ignore permissions), corrupt checkpoint files. Client disconnects: tests/test_server.py
-(``test_disconnect_mid_stream_frees_the_slot``,
+root ignore permissions), corrupt checkpoint files, a CUDA out-of-memory error in the
+middle of a stream (the runner's fault_hook, installed by a sitecustomize). Client
+disconnects: tests/test_server.py (``test_disconnect_mid_stream_frees_the_slot``,
 ``test_disconnect_while_waiting_for_a_whole_file_cancels_it``)."""
 
 from __future__ import annotations
@@ -302,3 +303,97 @@ def test_read_only_registry_registration_is_500(read_only):
     server, _, _ = read_only
     r = _register(server, "new2", 0.02)
     assert r.status_code == 500 and _error(r)["code"] == "storage_not_writable"
+
+
+# ---------------------------------------------------------------- a stream that fails after its headers
+
+# The runner's fault_hook in the server process, installed through PYTHONPATH (Python
+# imports sitecustomize at start-up) since the HTTP server runs no user code of its own
+# (the SageMaker tests use the model archive's code/inference.py). Switch files in
+# $S1_MINI_TEST_FAULTS: "slow" holds the seconds each decode step takes; "oom" makes the
+# next decode step raise a CUDA out-of-memory error (once: the hook renames it).
+FAULT_SITECUSTOMIZE = '''
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from s1_mini.engine import ProductionTTSEngine
+
+_start = ProductionTTSEngine.start
+
+
+def _hook(stage):
+    if stage != "decode":
+        return
+    switches = Path(os.environ["S1_MINI_TEST_FAULTS"])
+    if (switches / "slow").exists():
+        time.sleep(float((switches / "slow").read_text() or 0))
+    try:
+        os.rename(switches / "oom", switches / "oom-fired")
+    except FileNotFoundError:
+        return
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
+
+
+def start(self):
+    started = _start(self)
+    self._runner.fault_hook = _hook
+    return started
+
+
+ProductionTTSEngine.start = start
+'''
+
+
+@pytest.fixture(scope="module")
+def faulty_server(shared_dir):
+    hooks, switches = shared_dir / "fault-hooks", shared_dir / "fault-switches"
+    hooks.mkdir()
+    switches.mkdir()
+    (hooks / "sitecustomize.py").write_text(FAULT_SITECUSTOMIZE)
+    server = ServerProcess(shared_dir / "ckpt", "--max-new-tokens", "24", log_dir=shared_dir,
+                           env={"PYTHONPATH": str(hooks), "S1_MINI_TEST_FAULTS": str(switches)})
+    server.switches = switches
+    yield server
+    server.stop()
+
+
+LONG = {"max_new_tokens": 200, "seed": 1}
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/tts/stream", {"text": "A stream that fails halfway.", "format": "wav", **LONG}),
+    ("/v1/audio/speech", {"model": "s1-mini", "input": "A stream that fails halfway.", "voice": "default",
+                          "response_format": "pcm", **LONG}),
+], ids=["wav-stream", "openai-pcm"])
+def test_stream_failing_after_its_headers_aborts_the_connection(faulty_server, path, body):
+    switches = faulty_server.switches
+    (switches / "slow").write_text("0.05")  # 200 frames: 10 s, so the stream is mid-way when it fails
+    try:
+        with httpx.Client(base_url=faulty_server.url, timeout=30) as c, \
+                c.stream("POST", path, json=body) as r:
+            assert r.status_code == 200
+            chunks = r.iter_raw()
+            received = len(next(chunks))
+            (switches / "oom").touch()
+            # No clean end: the connection closes without the final chunk, which every
+            # client reports (httpx: "peer closed connection without sending complete
+            # message body: incomplete chunked read").
+            with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"):
+                for chunk in chunks:
+                    received += len(chunk)
+    finally:
+        (switches / "slow").unlink()
+    assert (switches / "oom-fired").exists() and received > 0
+    (switches / "oom-fired").unlink()
+    log = faulty_server.log()
+    assert "stream aborted after" in log and "(out_of_memory); closing the connection" in log, log[-3000:]
+    assert "Traceback" not in log
+    assert _idle(faulty_server.client)["s1_mini_kv_slots_used"] == 0
+    # the next stream ends cleanly, with its terminating chunk
+    with httpx.Client(base_url=faulty_server.url, timeout=30) as c, \
+            c.stream("POST", "/v1/tts/stream", json={"text": "The next stream.", "max_new_tokens": 16}) as r:
+        whole = r.read()
+    assert r.status_code == 200 and whole[:4] == b"RIFF" and (len(whole) - 44) % 128 == 0

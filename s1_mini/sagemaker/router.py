@@ -23,7 +23,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, Response
 from s1_mini.sagemaker.front import EXIT_MODEL_FAILED, PAYLOAD_HINT, Settings
 from s1_mini.server.errors import APIError, error_response
 from s1_mini.server.middleware import BodyLimit
-from s1_mini.server.synthesis import ManagedStream
+from s1_mini.server.synthesis import ManagedStream, StreamAborted
 
 log = logging.getLogger("s1_mini.sagemaker.router")
 
@@ -237,8 +237,17 @@ def create_router_app(count: int, ports: list[int], gpus: bool,
                 engine.in_flight -= 1
                 await upstream.aclose()
 
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in upstream.aiter_raw():
+                    yield chunk
+            except httpx.HTTPError as exc:  # the engine aborted its answer, or died mid-answer
+                log.warning("engine %d: its answer broke off (%s: %s); aborting the client's", engine.index,
+                            type(exc).__name__, exc)
+                raise StreamAborted(f"engine {engine.index}: {type(exc).__name__}") from None
+
         passed = {k: v for k, v in upstream.headers.items()
                   if k.lower() in ("content-type", "retry-after", "content-disposition") or k.lower().startswith("x-")}
-        return ManagedStream(upstream.aiter_raw(), status_code=upstream.status_code, headers=passed, on_close=close)
+        return ManagedStream(relay(), status_code=upstream.status_code, headers=passed, on_close=close)
 
     return app

@@ -49,9 +49,18 @@ def sampling(body: Any) -> dict[str, Any]:
             "max_new_tokens": body.max_new_tokens, "seed": None if seed is None else abs(seed)}
 
 
+class StreamAborted(Exception):
+    """A response that broke off after its headers were sent (the engine failed, or the
+    upstream engine of the router went away). Raised out of the body iterator so that
+    uvicorn closes the connection without the final empty chunk: the client sees an
+    incomplete chunked response, an error every HTTP client reports, instead of an end
+    that looks complete (a streamed WAV's header is open-ended, raw PCM has none)."""
+
+
 class ManagedStream(StreamingResponse):
     """A StreamingResponse that always runs ``on_close``, even when it is cancelled
-    before its body iterator ever starts (the iterator's own ``finally`` would not)."""
+    before its body iterator ever starts (the iterator's own ``finally`` would not), and
+    that ends a body that raises :class:`StreamAborted` by closing the connection."""
 
     def __init__(self, *args: Any, on_close: Callable[[], Any], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -60,6 +69,11 @@ class ManagedStream(StreamingResponse):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except StreamAborted:
+            # Logged where it happened (with its reason). Returning without the final
+            # chunk makes uvicorn close the connection, as raising would, with one log
+            # line ("returned without completing response") instead of a traceback.
+            return
         finally:
             await self._on_close()
 
@@ -246,11 +260,15 @@ class Synthesizer:
                                                                       "total_tokens": 0}})
                 state["ok"] = True
                 state["audio"] = audio_samples / rate
-            except TTSError as exc:  # after the headers: all we can do is end the stream
+            except TTSError as exc:  # after the headers: the status cannot say it any more
                 state["code"] = exc.code
-                log.warning("stream ended early: %s (%s)", exc.message, exc.code)
-                if sse:
+                if sse:  # an event stream can say it in band; a client sees no speech.audio.done either
+                    log.warning("stream ended early: %s (%s)", exc.message, exc.code)
                     yield _sse({"type": "error", "error": {"code": exc.code, "message": exc.message}})
+                    return
+                log.warning("stream aborted after %.2f s of audio: %s (%s); closing the connection",
+                            audio_samples / rate, exc.message, exc.code)
+                raise StreamAborted(f"{exc.code}: {exc.message}") from None
             finally:
                 await close()
 
