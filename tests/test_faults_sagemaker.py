@@ -2,10 +2,13 @@
 tiny checkpoint, CPU) and its multi-engine router, injected by real mechanisms: the
 model archive's own ``code/inference.py`` installs the runner's ``fault_hook`` (slow
 decode steps, a dying engine thread) switched by files in a directory; clients that
-disconnect; SIGKILL of an engine process; SIGTERM with requests in flight; corrupt,
-truncated and malicious model files. Also covered elsewhere: a killed engine restarted
-(tests/test_sagemaker_router.py), SIGTERM under load and a broken model.pth reported
-on /ping (tests/test_sagemaker_front.py)."""
+disconnect (from a stream or a whole-file invocation, also through the router); streams
+that fail after their headers (a timeout; the engine process killed under the router),
+which must break the connection off rather than end cleanly; bodies past the payload
+limit (chunked, or a declared 256 MB one the router must not read); SIGKILL of an engine
+process; SIGTERM with requests in flight; corrupt, truncated and malicious model files.
+Also covered elsewhere: a killed engine restarted (tests/test_sagemaker_router.py),
+SIGTERM under load and a broken model.pth reported on /ping (tests/test_sagemaker_front.py)."""
 
 from __future__ import annotations
 
@@ -223,6 +226,50 @@ def test_stream_past_its_timeout_is_aborted_not_ended(front):
     _wav(front.client.post("/invocations", json={"text": "After the aborted stream.", "seed": 11}))
 
 
+class ActiveWatch:
+    """Polls ``active()`` (requests on the engine) in a thread; ``peak`` is the most seen."""
+
+    def __init__(self, active) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(active,))
+
+    def _watch(self, active) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, active())
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+
+    def __enter__(self) -> "ActiveWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def test_client_leaving_an_invocation_cancels_it(front):
+    _slow(front, 0.3)  # 200 frames take a minute: only the disconnect can end it early
+    try:
+        with ActiveWatch(lambda: httpx.get(f"{front.url}/ping", timeout=5).json()["active"]) as watch:
+            start = time.monotonic()
+            # the read timeout closes the connection: the client is gone
+            with httpx.Client(base_url=front.url, timeout=httpx.Timeout(30, read=1.5)) as other, \
+                    pytest.raises(httpx.ReadTimeout):
+                other.post("/invocations", json={"text": "An invocation the client abandons.", "max_new_tokens": 200,
+                                                 "seed": 12})
+            body = _idle(front, within=TIMEOUT_S - 2)
+        elapsed = time.monotonic() - start
+    finally:
+        _slow(front, None)
+    assert watch.peak == 1  # it was running when the client left
+    assert body["kv_slots_used"] == 0 and elapsed < TIMEOUT_S - 1  # cancelled, well before its timeout
+    _wav(front.client.post("/invocations", json={"text": "After the abandoned invocation.", "seed": 13}))
+
+
 def _chunked(total: int, piece: int = 1 << 16):
     """A body of ``total`` spaces with no Content-Length (httpx sends it chunked)."""
     for start in range(0, total, piece):
@@ -435,6 +482,12 @@ def test_dead_engine_thread_is_seen_and_its_engine_restarted(router):
     _wav(router.client.post("/invocations", json={"text": "Both engines again.", "seed": 9}))
 
 
+def _engine_active(router: Container) -> int:
+    """Requests running on the router's engines, from each engine's own /ping."""
+    engines = _ping(router)[1]["engines"]
+    return sum(httpx.get(f"http://127.0.0.1:{e['port']}/ping", timeout=5).json().get("active", 0) for e in engines)
+
+
 def test_router_refuses_an_oversized_body_before_reading_it(router):
     pid = router.process.pid  # serve is the router; the engines are its children
     peak_rss_reset(pid)
@@ -443,6 +496,24 @@ def test_router_refuses_an_oversized_body_before_reading_it(router):
     assert status in (413, None) and sent < 64 << 20
     assert rss_kb(pid, "VmHWM") - before < 32 << 10
     _assert_body_limit(router)
+
+
+def test_router_client_leaving_an_invocation_cancels_it(router):
+    _slow(router, 0.3)  # both engines: 200 frames take a minute
+    try:
+        with ActiveWatch(lambda: _engine_active(router)) as watch:
+            start = time.monotonic()
+            with httpx.Client(base_url=router.url, timeout=httpx.Timeout(30, read=1.5)) as other, \
+                    pytest.raises(httpx.ReadTimeout):
+                other.post("/invocations", json={"text": "An invocation the client abandons.", "max_new_tokens": 200,
+                                                 "seed": 15})
+            _until(lambda: _engine_active(router) == 0 and all(e["in_flight"] == 0 for e in _ping(router)[1]["engines"]),
+                   5, "the engine request was not cancelled", router)
+        elapsed = time.monotonic() - start
+    finally:
+        _slow(router, None)
+    assert watch.peak == 1 and elapsed < 10  # it ran, and ended long before its minute of work
+    _wav(router.client.post("/invocations", json={"text": "After the abandoned invocation.", "seed": 16}))
 
 
 def test_router_breaks_off_a_stream_whose_engine_dies(router):

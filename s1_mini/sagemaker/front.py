@@ -10,7 +10,9 @@ is healthy. A model that cannot load (a corrupt checkpoint, a bad option) is log
 line naming the file and, ``S1_MINI_LOAD_FAILURE_GRACE_S`` (5 s) later, ends the process
 with a non-zero status (see :func:`create_app`) rather than leaving ``/ping`` at 503
 forever. A model directory that holds only ``model.tar.gz`` is served from its safe
-extraction (:func:`prepare_model_dir`).
+extraction (:func:`prepare_model_dir`). A body past ``SAGEMAKER_MAX_PAYLOAD_IN_MB`` is
+refused (413) before it is read; a client that leaves an invocation cancels its engine
+requests; a stream that fails after its headers is aborted, not ended as if complete.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from s1_mini.server.audio_formats import KNOWN
 from s1_mini.server.errors import APIError, error_response
 from s1_mini.server.metrics import Metrics
 from s1_mini.server.middleware import BodyLimit
-from s1_mini.server.synthesis import Synthesizer
+from s1_mini.server.synthesis import Synthesizer, unless_disconnected
 
 log = logging.getLogger("s1_mini.sagemaker")
 
@@ -118,6 +120,43 @@ def load_handlers(settings: Settings) -> ModuleType:
     if missing:
         raise RuntimeError(f"{script}: must define {', '.join(missing)}")
     return module
+
+
+class InvocationEngine:
+    """The engine as one invocation's ``predict_fn`` sees it: every request submitted
+    through it is kept, so that :meth:`cancel` can cancel them when the client leaves.
+    ``predict_fn`` blocks a worker thread in ``engine.generate``/``engine.wait``, where
+    nothing else can reach its requests; cancelled, each frees its batch slot at the
+    next decode step and its wait returns. Everything else goes to the engine itself."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+        self._lock = threading.Lock()  # submit runs in the worker thread, cancel on the event loop
+        self._requests: list[Any] = []
+        self._cancelled = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def submit(self, text: str, **kwargs: Any) -> Any:
+        request = self._engine.submit(text, **kwargs)
+        with self._lock:
+            self._requests.append(request)
+            cancelled = self._cancelled
+        if cancelled:  # submitted after the client left (a JSON-lines body still queueing)
+            request.cancel()
+        return request
+
+    def generate(self, text: str, **kwargs: Any) -> Any:
+        # The engine's own generate, run on this object so that its self.submit is ours.
+        return type(self._engine).generate(self, text, **kwargs)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            requests = list(self._requests)
+        for request in requests:
+            request.cancel()
 
 
 class Front:
@@ -213,7 +252,13 @@ def create_app(settings: Settings | None = None,
         accept = request.headers.get("accept", "")
         if accept in ("", "*/*"):
             accept = "application/jsonlines" if isinstance(data, default_handlers.Records) else front.settings.default_accept
-        prediction = await asyncio.to_thread(front.handler("predict_fn"), data, front.engine)
+        engine = InvocationEngine(front.engine)
+        try:
+            prediction = await unless_disconnected(
+                request, asyncio.to_thread(front.handler("predict_fn"), data, engine))
+        except BaseException:  # the client left, a shutdown, a failure: nobody will read them, free their slots
+            engine.cancel()
+            raise
         result = await asyncio.to_thread(front.handler("output_fn"), prediction, accept)
         body, media_type = result if isinstance(result, tuple) else (result, accept)
         return Response(body, media_type=media_type)

@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, Response
 from s1_mini.sagemaker.front import EXIT_MODEL_FAILED, PAYLOAD_HINT, Settings
 from s1_mini.server.errors import APIError, error_response
 from s1_mini.server.middleware import BodyLimit
-from s1_mini.server.synthesis import ManagedStream, StreamAborted
+from s1_mini.server.synthesis import ManagedStream, StreamAborted, unless_disconnected
 
 log = logging.getLogger("s1_mini.sagemaker.router")
 
@@ -217,14 +217,16 @@ def create_router_app(count: int, ports: list[int], gpus: bool,
             try:
                 upstream_request = router.client.build_request("POST", f"{engine.url}/invocations", content=body,
                                                                headers=headers)
-                upstream = await router.client.send(upstream_request, stream=True)
+                # A whole-file answer comes when it is done: a client that leaves meanwhile closes
+                # the connection to the engine, whose front then cancels the request.
+                upstream = await unless_disconnected(request, router.client.send(upstream_request, stream=True))
                 break
             except httpx.HTTPError as exc:
                 engine.in_flight -= 1
                 engine.healthy = False
                 tried += (engine,)
                 log.warning("engine %d did not answer (%s): trying another", engine.index, type(exc).__name__)
-            except BaseException:  # cancelled (a shutdown) while waiting for the engine: not in flight any more
+            except BaseException:  # the client left, or a shutdown cancelled the wait: not in flight any more
                 engine.in_flight -= 1
                 raise
         engine.served += 1

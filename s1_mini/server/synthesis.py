@@ -8,7 +8,7 @@ import base64
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +55,23 @@ class StreamAborted(Exception):
     uvicorn closes the connection without the final empty chunk: the client sees an
     incomplete chunked response, an error every HTTP client reports, instead of an end
     that looks complete (a streamed WAV's header is open-ended, raw PCM has none)."""
+
+
+async def unless_disconnected(request: Request | None, awaitable: Awaitable[Any]) -> Any:
+    """The result of ``awaitable``, unless the client disconnects first: then it is
+    cancelled and a 499 ``cancelled`` APIError raised. (Starlette does not cancel a route
+    whose client left, so a waiting route has to look for itself.)"""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if request is not None and await request.is_disconnected():
+                raise APIError(499, ErrorCode.CANCELLED, "the client disconnected", None)
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 class ManagedStream(StreamingResponse):
@@ -155,17 +172,8 @@ class Synthesizer:
         return body, out_rate, response.timings
 
     async def _generate(self, job: Job, request: Request | None) -> Any:
-        task = asyncio.ensure_future(self.engine.agenerate(job.text, **job.kwargs()))
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-                if done:
-                    return task.result()
-                if request is not None and await request.is_disconnected():
-                    raise APIError(499, ErrorCode.CANCELLED, "the client disconnected", None)
-        finally:
-            if not task.done():
-                task.cancel()  # agenerate cancels the engine request
+        # Cancelling agenerate cancels the engine request, which frees its batch slot.
+        return await unless_disconnected(request, self.engine.agenerate(job.text, **job.kwargs()))
 
     # ------------------------------------------------------------------ streams
 
