@@ -9,10 +9,14 @@ and a crash (a fatal CUDA error, an OOM kill) takes down one engine only. The ro
 restarts a dead engine, and one whose engine thread died (its ``/ping`` says
 "unhealthy" for ``UNHEALTHY_RESTART_CHECKS`` checks in a row); ``/ping`` answers 503
 until every engine is healthy again, while the healthy ones keep serving. An invocation
-whose engine fails before answering (refused connection, the process gone) is sent to
-another engine: synthesis has no side effects, so it is safe to repeat. An engine whose
-model cannot load at start (exit status 3) is not restarted: the router stops and
-``serve`` exits non-zero.
+whose engine fails before answering (refused connection, the process gone, a 503
+``engine_stopped`` from an engine whose engine thread died) is sent to another engine:
+synthesis has no side effects, so it is safe to repeat. An engine whose model cannot
+load at start (exit status 3) is not restarted: the router stops and ``serve`` exits
+non-zero. A body past ``SAGEMAKER_MAX_PAYLOAD_IN_MB`` is refused before it is read; a
+client that leaves before its answer starts closes the connection to the engine, which
+cancels the request; an answer that breaks off upstream (the engine aborted it, or died)
+is broken off to the client too, never ended as if complete.
 """
 
 from __future__ import annotations
@@ -167,6 +171,19 @@ def _status(answer: httpx.Response) -> str | None:
         return None
 
 
+async def _stopped_before_answering(upstream: httpx.Response) -> bool:
+    """Whether the engine answered 503 ``engine_stopped``: its engine thread died (or it is
+    stopping) before the request could run. Nothing was produced, so the request may go to
+    another engine, as one whose process is gone does."""
+    if upstream.status_code != 503:
+        return False
+    await upstream.aread()  # a short JSON error
+    try:
+        return upstream.json()["error"]["code"] == "engine_stopped"
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 def create_router_app(count: int, ports: list[int], gpus: bool,
                       on_model_failure: Callable[[str], None] | None = None) -> FastAPI:
     """The router's app; ``on_model_failure(message)`` runs when an engine's model cannot
@@ -220,7 +237,12 @@ def create_router_app(count: int, ports: list[int], gpus: bool,
                 # A whole-file answer comes when it is done: a client that leaves meanwhile closes
                 # the connection to the engine, whose front then cancels the request.
                 upstream = await unless_disconnected(request, router.client.send(upstream_request, stream=True))
-                break
+                if not await _stopped_before_answering(upstream):
+                    break
+                engine.in_flight -= 1
+                engine.healthy = False
+                tried += (engine,)
+                log.warning("engine %d stopped before answering: trying another", engine.index)
             except httpx.HTTPError as exc:
                 engine.in_flight -= 1
                 engine.healthy = False
@@ -241,7 +263,7 @@ def create_router_app(count: int, ports: list[int], gpus: bool,
 
         async def relay() -> AsyncIterator[bytes]:
             try:
-                async for chunk in upstream.aiter_raw():
+                async for chunk in upstream.aiter_bytes():  # also a body _stopped_before_answering read
                     yield chunk
             except httpx.HTTPError as exc:  # the engine aborted its answer, or died mid-answer
                 log.warning("engine %d: its answer broke off (%s: %s); aborting the client's", engine.index,
