@@ -229,11 +229,6 @@ def test_http_voice_reference_duration_limit_is_413(client):
     assert client.delete("/v1/references/short_voice").status_code == 200
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "s1_mini/server/synthesis.py _reference_error sets status 422 on every registry error of an inline "
-    "reference, overriding the 413 that errors.from_engine gives a reference past max_reference_seconds "
-    "(the limit itself holds: the answer is a 422 naming references[0].audio and the limit, before any "
-    "decoding); fix: keep from_engine's status when it is 413"))
 def test_http_inline_reference_duration_limit_is_413(client):
     reference = base64.b64encode(wav_seconds(1.0)).decode()
     response = client.post("/v1/tts", json={"text": "hi", "references": [{"audio": reference, "text": "one second"}]})

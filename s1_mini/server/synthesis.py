@@ -301,5 +301,6 @@ def _reference_error(message: str, prefix: str) -> APIError:
     if error.field is None:
         error.field = f"{prefix}.audio"
         error.message = f"{prefix}.audio: {error.message}"
-    error.status = 422
+    if error.status != 413:  # a limit (max_reference_seconds) stays 413, as on /v1/references
+        error.status = 422
     return error
