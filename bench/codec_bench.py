@@ -1,0 +1,213 @@
+"""Codec speed of our implementation on one device: offline decode, incremental decode, encode.
+
+    python bench/codec_bench.py --checkpoint DIR [--device cuda] [--precision bfloat16]
+        [--seconds 10] [--batches 1,8,32] [--chunks 1,4] [--repeats 5] --json OUT.json
+
+The codec is loaded as the engine loads it (``Codec.from_checkpoint`` + ``set_precision``).
+Codes are random, of the right shape for ``--seconds`` of audio (frames = seconds ·
+sample_rate / frame_length, from the codec config). Random weights: speed only.
+
+- ``decode.b{B}``: ``Codec.decode`` of B sequences at once (the scheduler's offline
+  path, ``decode_batch``, pads and calls the same decode); audio seconds per wall second
+  counts all B sequences.
+- ``stream.c{C}_b{B}``: B streams decoded in lockstep with ``new_stream``/``decode_step``
+  as the scheduler's ``_stream`` does: a first chunk of 1 frame, then chunks of C frames.
+  Latency is per ``decode_step`` call (all B streams), synchronised.
+- ``encode.b1``: ``Codec.encode`` of ``--seconds`` of reference audio (sine + noise).
+
+Every timing synchronises CUDA before and after; warm-up runs come first; offline figures
+are medians of ``--repeats``. ``peak_gib`` is CUDA peak allocated memory per measurement
+(null on CPU). The reference's version is bench/reference/ref_codec_bench.py (same keys).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from s1_mini.codec import Codec
+
+PRECISIONS = ("float32", "bfloat16", "float16")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Wall seconds of each of ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def random_codes(codec: Codec, batch: int, frames: int, seed: int) -> torch.Tensor:
+    """Codes ``[B, N, T]``: semantic row from its own (larger) codebook, residual rows from theirs."""
+    g = torch.Generator().manual_seed(seed)
+    c = codec.config
+    semantic = torch.randint(0, c.semantic_codebook_size, (batch, 1, frames), generator=g)
+    residual = torch.randint(0, c.codebook_size, (batch, c.num_codebooks - 1, frames), generator=g)
+    return torch.cat([semantic, residual], 1)
+
+
+def reference_audio(samples: int, sample_rate: int) -> torch.Tensor:
+    """0.5·sin(2π·220·t) + 0.1·N(0,1), clipped: a voiced-like signal, never silence."""
+    t = np.arange(samples) / sample_rate
+    rng = np.random.default_rng(0)
+    audio = np.clip(0.5 * np.sin(2 * np.pi * 220 * t) + 0.1 * rng.standard_normal(samples), -1, 1)
+    return torch.from_numpy(audio.astype(np.float32))
+
+
+def guarded(device: torch.device, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one measurement; an out-of-memory batch is recorded, not fatal, so the others still run."""
+    reset_peak(device)
+    try:
+        result = measure()
+    except torch.cuda.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
+        return {"error": f"out of memory: {str(exc).splitlines()[0]}"}
+    result["peak_gib"] = peak_gib(device)
+    return result
+
+
+def bench_decode(codec: Codec, codes: torch.Tensor, seconds: float, warmup: int, repeats: int) -> dict[str, Any]:
+    times = timed(lambda: codec.decode(codes), codec.device, warmup, repeats)
+    batch = codes.shape[0]
+    median = statistics.median(times)
+    return {"batch": batch, "ms_p50": median * 1000, "ms_min": min(times) * 1000,
+            "audio_s_per_s": batch * seconds / median}
+
+
+def stream_pass(codec: Codec, codes: torch.Tensor, chunk: int, max_chunks: int | None = None) -> list[float]:
+    """Decode all streams of ``codes`` [B, N, T] chunk by chunk; wall seconds of each ``decode_step``."""
+    device = codec.device
+    states = [codec.new_stream() for _ in range(codes.shape[0])]
+    frames, position, times = codes.shape[2], 0, []
+    while position < frames and (max_chunks is None or len(times) < max_chunks):
+        n = min(1 if position == 0 else chunk, frames - position)  # the scheduler's first chunk is 1 frame
+        new = [c[:, position:position + n] for c in codes]
+        sync(device)
+        start = time.perf_counter()
+        codec.decode_step(states, new)
+        sync(device)
+        times.append(time.perf_counter() - start)
+        position += n
+    return times
+
+
+def bench_stream(codec: Codec, codes: torch.Tensor, chunk: int, seconds: float, passes: int) -> dict[str, Any]:
+    # Warm-up: the first chunk and two steady chunks, the shapes every later call repeats.
+    stream_pass(codec, codes, chunk, max_chunks=3)
+    rates, first, steady, times = [], [], [], []
+    for _ in range(passes):
+        times = stream_pass(codec, codes, chunk)
+        rates.append(codes.shape[0] * seconds / sum(times))
+        first.append(times[0])
+        steady.extend(times[1:] or times)  # a 1-chunk stream has no steady chunks
+    ms = np.array(steady) * 1000
+    return {"batch": codes.shape[0], "chunk_frames": chunk, "chunks_per_stream": len(times),
+            "audio_s_per_s": statistics.median(rates), "first_chunk_ms_p50": statistics.median(first) * 1000,
+            "chunk_ms_p50": float(np.percentile(ms, 50)), "chunk_ms_p99": float(np.percentile(ms, 99))}
+
+
+def bench_encode(codec: Codec, audio: torch.Tensor, seconds: float, warmup: int, repeats: int) -> dict[str, Any]:
+    times = timed(lambda: codec.encode(audio), codec.device, warmup, repeats)
+    median = statistics.median(times)
+    return {"batch": audio.shape[0], "ms_p50": median * 1000, "ms_min": min(times) * 1000,
+            "audio_s_per_s": audio.shape[0] * seconds / median}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, type=Path, help="directory with codec.pth (+ codec_config.json)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--precision", default="bfloat16", choices=PRECISIONS)
+    p.add_argument("--seconds", type=float, default=10.0, help="audio per sequence (decode, stream, encode)")
+    p.add_argument("--batches", default="1,8,32", help="batch sizes; 1 is always measured")
+    p.add_argument("--chunks", default="1,4", help="streaming chunk sizes in frames (after the 1-frame first chunk)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--stream-passes", type=int, default=3, help="whole streams decoded per chunk size and batch")
+    p.add_argument("--json", required=True, type=Path)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA device: pass --device cpu --precision float32 for a smoke run")
+    batches = sorted({1, *(int(b) for b in args.batches.split(","))})
+    chunks = [int(c) for c in args.chunks.split(",")]
+
+    reset_peak(device)
+    start = time.perf_counter()
+    codec = Codec.from_checkpoint(args.checkpoint, device).set_precision(getattr(torch, args.precision))
+    sync(device)
+    load_s = time.perf_counter() - start
+    c = codec.config
+    frames = max(1, round(args.seconds * c.sample_rate / c.frame_length))
+    seconds = frames * c.frame_length / c.sample_rate  # whole frames: the audio actually produced
+    result: dict[str, Any] = {
+        "impl": "ours",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "precision": args.precision, "checkpoint": str(args.checkpoint),
+        "parameters": sum(t.numel() for t in codec.parameters()),
+        "sample_rate": c.sample_rate, "frame_length": c.frame_length,
+        "frames_per_second": c.sample_rate / c.frame_length, "frames": frames, "audio_seconds": seconds,
+        "warmup": args.warmup, "repeats": args.repeats, "load_s": load_s, "load_peak_gib": peak_gib(device),
+        "decode": {}, "stream": {}, "encode": {},
+    }
+    codes = random_codes(codec, max(batches), frames, seed=0).to(device)
+    for b in batches:
+        result["decode"][f"b{b}"] = guarded(device, lambda: bench_decode(codec, codes[:b], seconds, args.warmup,
+                                                                         args.repeats))
+        report("decode", f"b{b}", result["decode"][f"b{b}"])
+    for chunk in chunks:
+        for b in batches:
+            key = f"c{chunk}_b{b}"
+            result["stream"][key] = guarded(device, lambda: bench_stream(codec, codes[:b], chunk, seconds,
+                                                                         args.stream_passes))
+            report("stream", key, result["stream"][key])
+    audio = reference_audio(round(seconds * c.sample_rate), c.sample_rate)[None].to(device)
+    result["encode"]["b1"] = guarded(device, lambda: bench_encode(codec, audio, seconds, args.warmup, args.repeats))
+    report("encode", "b1", result["encode"]["b1"])
+    peaks = [v.get("peak_gib") for part in ("decode", "stream", "encode") for v in result[part].values()]
+    peaks = [x for x in [result["load_peak_gib"], *peaks] if x is not None]
+    result["peak_gib"] = max(peaks) if peaks else None
+    args.json.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.json}")
+
+
+def report(part: str, key: str, r: dict[str, Any]) -> None:
+    if "error" in r:
+        print(f"{part:7s}{key:9s} {r['error']}", flush=True)
+        return
+    extra = (f"chunk p50 {r['chunk_ms_p50']:8.2f} ms  p99 {r['chunk_ms_p99']:8.2f} ms  first {r['first_chunk_ms_p50']:7.2f} ms"
+             if part == "stream" else f"{r['ms_p50']:9.2f} ms")
+    peak = "" if r.get("peak_gib") is None else f"  peak {r['peak_gib']:.2f} GiB"
+    print(f"{part:7s}{key:9s} {r['audio_s_per_s']:9.2f} audio s/s  {extra}{peak}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
