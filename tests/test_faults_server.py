@@ -248,7 +248,11 @@ def test_full_disk_registration_fails_cleanly_and_keeps_the_registry(full_disk):
     assert small.status_code == 201, small.text
     big = _register(server, "big", 0.5)
     assert big.status_code >= 400 and _error(big)["message"]
-    assert "File too large" in big.text + server.log()  # the kernel's refusal (EFBIG) reached the registry
+    # the kernel's refusal (EFBIG) reached the registry; the log line may trail the answer
+    deadline = time.monotonic() + 10
+    while "File too large" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "File too large" in server.log()
     overwrite = server.client.post("/v1/references", data={"id": "before", "text": "New words.", "overwrite": "true"},
                                    files={"audio": ("voice.wav", sine_wav(0.5), "audio/wav")})
     assert overwrite.status_code == big.status_code
