@@ -33,36 +33,9 @@ import numpy as np
 import torch
 
 from s1_mini.codec import Codec
+from timing import peak_gib, reset_peak, sync, timed
 
 PRECISIONS = ("float32", "bfloat16", "float16")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:
-    """Wall seconds of each of ``repeats`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def random_codes(codec: Codec, batch: int, frames: int, seed: int) -> torch.Tensor:

@@ -32,7 +32,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "parity"))
-from ref_codec import build, load  # noqa: E402  (needs the path above)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ref_codec import build, load  # noqa: E402  (needs the paths above)
+from timing import peak_gib, reset_peak, sync, timed  # noqa: E402
 
 PRECISIONS = ("float32", "bfloat16", "float16")
 
@@ -54,33 +56,6 @@ MODDED_DAC_VQ = {
 }
 # Transformer buffers the reference recomputes; a checkpoint need not hold them.
 BUFFERS = ("freqs_cis", "causal_mask")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def guarded(device: torch.device, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
