@@ -22,13 +22,7 @@ BATCHES=${BATCHES:-1,8,32}
 REF_TIMEOUT=${REF_TIMEOUT:-300}
 mkdir -p "$out"
 
-if [ "${INSTALL:-1}" = 1 ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-git log -1 --format='commit %h %cd' 2>/dev/null
+source bench/device_env.sh
 # The codec alone: the text-to-semantic weights (1.4 GB of random bf16) are not needed here.
 [ -f "$CKPT/codec.pth" ] || $PY -c "import sys; from s1_mini.testing.codec_checkpoint import write_codec_checkpoint as w; w(sys.argv[1], sys.argv[2], 0)" "$CKPT" "$PRESET" || exit 1
 

@@ -33,13 +33,7 @@ READY_TIMEOUT=${READY_TIMEOUT:-480}   # cold inductor cache: compile + capture o
 SWEEP_TIMEOUT=${SWEEP_TIMEOUT:-540}   # the sweep is killed before the call's own limit so the logs come back
 mkdir -p "$out"
 
-if [ "${INSTALL:-1}" = 1 ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-git log -1 --format='commit %h %cd' 2>/dev/null
+source bench/device_env.sh
 [ -f "$CKPT/config.json" ] || $PY -m s1_mini.testing.make_checkpoint --preset "$PRESET" --out "$CKPT" --seed 0 >/dev/null || exit 1
 
 # Engine options shared by both front ends (the SageMaker front reads only S1_MINI_*).
