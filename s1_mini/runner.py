@@ -269,7 +269,7 @@ class ModelRunner:
         self.sample_fn: SampleFn = sample
         self.decode_block: BlockFn = run_block
         self.prefill_block: BlockFn = run_block
-        self.counter_noise = False  # compiled: counter noise instead of generators
+        self.compiled = False  # compile() ran: padded prefill, counter noise instead of generators
         self.buckets: list[int] = []
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.prefill_lengths: list[int] = []
@@ -296,7 +296,7 @@ class ModelRunner:
         self.decode_block = wrap(run_block, False)
         self.prefill_block = wrap(run_block, True)
         self.sample_fn = wrap(sample, None)  # static, then dynamic rows once a second bucket comes
-        self.counter_noise = True
+        self.compiled = True
         self.buckets = buckets(self.max_batch_size)
         self.prefill_lengths = buckets(self.max_seq_len, smallest=64)
         self.prefill_inputs = PrefillInputs(self.state.last.shape[1], self.max_seq_len, self.dtype, self.device)
@@ -329,7 +329,7 @@ class ModelRunner:
             self.fault_hook("prefill")
         T = seq.prompt.shape[1]
         start = self._restore_prefix(seq)
-        if self.counter_noise:
+        if self.compiled:
             self.prefill_inputs.load(seq, start)
             length = next(n for n in self.prefill_lengths if n >= T - start)
             if self.prefill_graphs:
@@ -379,7 +379,7 @@ class ModelRunner:
             rows = next(b for b in self.buckets if b >= rows)
             graph, frames = self.graphs[rows]
             graph.replay()
-        elif self.counter_noise:
+        elif self.compiled:
             frames = decode_step(self.model, self.state, rows, None, self.sample_fn, self.decode_block)
         else:
             generators = [None] * rows
