@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-concurrent-streams", type=int, help="open streaming responses at once (default 32)")
     a("--max-text-length", type=int, help="longest text in characters")
     a("--max-batch-size", type=int, help="sequences decoded together")
+    a("--max-seq-len", type=int, help="KV-cache positions per sequence (0: the model's)")
+    a("--prefix-cache-size", type=int, help="registered voices whose prompt K/V stays on the device (0: off)")
+    a("--compile-cache-dir", help="inductor's on-disk cache; keep it across restarts for a fast start")
     a("--max-new-tokens", type=int, help="default frames per text piece")
     a("--max-queue-size", type=int, help="waiting requests before 503")
     a("--request-timeout", dest="request_timeout_seconds", type=float, help="seconds per request")
@@ -45,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 ENGINE_FLAGS = ("checkpoint_path", "device", "precision", "compile_model", "compile_backend", "max_text_length",
-                "max_batch_size", "max_new_tokens", "max_queue_size", "request_timeout_seconds",
-                "voice_registry_dir", "warmup")
+                "max_batch_size", "max_seq_len", "prefix_cache_size", "compile_cache_dir", "max_new_tokens",
+                "max_queue_size", "request_timeout_seconds", "voice_registry_dir", "warmup")
 SERVER_FLAGS = ("host", "port", "api_key", "max_body_mb", "max_concurrent_streams", "log_level")
 
 
