@@ -27,13 +27,13 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from s1_mini.codec import Codec
-from timing import peak_gib, reset_peak, sync, timed
+from timing import guarded, peak_gib, reset_peak, sync, timed
 
 PRECISIONS = ("float32", "bfloat16", "float16")
 
@@ -53,18 +53,6 @@ def reference_audio(samples: int, sample_rate: int) -> torch.Tensor:
     rng = np.random.default_rng(0)
     audio = np.clip(0.5 * np.sin(2 * np.pi * 220 * t) + 0.1 * rng.standard_normal(samples), -1, 1)
     return torch.from_numpy(audio.astype(np.float32))
-
-
-def guarded(device: torch.device, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run one measurement; an out-of-memory batch is recorded, not fatal, so the others still run."""
-    reset_peak(device)
-    try:
-        result = measure()
-    except torch.cuda.OutOfMemoryError as exc:
-        torch.cuda.empty_cache()
-        return {"error": f"out of memory: {str(exc).splitlines()[0]}"}
-    result["peak_gib"] = peak_gib(device)
-    return result
 
 
 def bench_decode(codec: Codec, codes: torch.Tensor, seconds: float, warmup: int, repeats: int) -> dict[str, Any]:

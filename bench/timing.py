@@ -36,3 +36,15 @@ def timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int
         sync(device)
         times.append(time.perf_counter() - start)
     return times
+
+
+def guarded(device: torch.device, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one measurement; an out-of-memory batch is recorded, not fatal, so the others still run."""
+    reset_peak(device)
+    try:
+        result = measure()
+    except torch.cuda.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
+        return {"error": f"out of memory: {str(exc).splitlines()[0]}"}
+    result["peak_gib"] = peak_gib(device)
+    return result

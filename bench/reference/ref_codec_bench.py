@@ -26,7 +26,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "parity"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ref_codec import build, load  # noqa: E402  (needs the paths above)
-from timing import peak_gib, reset_peak, sync, timed  # noqa: E402
+from timing import guarded, peak_gib, reset_peak, sync, timed  # noqa: E402
 
 PRECISIONS = ("float32", "bfloat16", "float16")
 
@@ -56,17 +56,6 @@ MODDED_DAC_VQ = {
 }
 # Transformer buffers the reference recomputes; a checkpoint need not hold them.
 BUFFERS = ("freqs_cis", "causal_mask")
-
-
-def guarded(device: torch.device, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    reset_peak(device)
-    try:
-        result = measure()
-    except torch.cuda.OutOfMemoryError as exc:
-        torch.cuda.empty_cache()
-        return {"error": f"out of memory: {str(exc).splitlines()[0]}"}
-    result["peak_gib"] = peak_gib(device)
-    return result
 
 
 def summary(times: list[float], batch: int, seconds: float) -> dict[str, Any]:
