@@ -1,7 +1,7 @@
 """Codec speed of our implementation on one device: offline decode, incremental decode, encode.
 
     python bench/codec_bench.py --checkpoint DIR [--device cuda] [--precision bfloat16]
-        [--seconds 10] [--batches 1,8,32] [--chunks 1,4] [--repeats 5] --json OUT.json
+        [--seconds 10] [--batches 1,8,32] [--chunks 1,4] [--repeats 5] [--compile] --json OUT.json
 
 The codec is loaded as the engine loads it (``Codec.from_checkpoint`` + ``set_precision``).
 Codes are random, of the right shape for ``--seconds`` of audio (frames = seconds ·
@@ -10,9 +10,11 @@ sample_rate / frame_length, from the codec config). Random weights: speed only.
 - ``decode.b{B}``: ``Codec.decode`` of B sequences at once (the scheduler's offline
   path, ``decode_batch``, pads and calls the same decode); audio seconds per wall second
   counts all B sequences.
-- ``stream.c{C}_b{B}``: B streams decoded in lockstep with ``new_stream``/``decode_step``
-  as the scheduler's ``_stream`` does: a first chunk of 1 frame, then chunks of C frames.
-  Latency is per ``decode_step`` call (all B streams), synchronised.
+- ``stream.c{C}_b{B}``: B streams decoded in lockstep with ``CodecStreams`` (chunk_frames
+  C) as the scheduler streams: a first chunk of 1 frame, then chunks of C frames.
+  Latency is per step (launch + collect, all B streams).
+- ``--compile``: the engine's compiled path: Snake compiled by inductor and, on CUDA,
+  the streaming steps replayed as CUDA graphs (``CodecStreams.compile``).
 - ``encode.b1``: ``Codec.encode`` of ``--seconds`` of reference audio (sine + noise).
 
 Every timing synchronises CUDA before and after; warm-up runs come first; offline figures
@@ -32,7 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from s1_mini.codec import Codec
+from s1_mini.codec import Codec, CodecStreams
+from s1_mini.compilation import compile_or_eager
 from timing import guarded, peak_gib, reset_peak, sync, timed
 
 PRECISIONS = ("float32", "bfloat16", "float16")
@@ -63,29 +66,33 @@ def bench_decode(codec: Codec, codes: torch.Tensor, seconds: float, warmup: int,
             "audio_s_per_s": batch * seconds / median}
 
 
-def stream_pass(codec: Codec, codes: torch.Tensor, chunk: int, max_chunks: int | None = None) -> list[float]:
-    """Decode all streams of ``codes`` [B, N, T] chunk by chunk; wall seconds of each ``decode_step``."""
-    device = codec.device
-    states = [codec.new_stream() for _ in range(codes.shape[0])]
+def stream_pass(streams: CodecStreams, codes: torch.Tensor, max_chunks: int | None = None) -> list[float]:
+    """Decode all streams of ``codes`` [B, N, T] (on the CPU) chunk by chunk; wall seconds of each step."""
+    slots = [streams.open() for _ in range(codes.shape[0])]
     frames, position, times = codes.shape[2], 0, []
     while position < frames and (max_chunks is None or len(times) < max_chunks):
-        n = min(1 if position == 0 else chunk, frames - position)  # the scheduler's first chunk is 1 frame
-        new = [c[:, position:position + n] for c in codes]
-        sync(device)
+        n = min(1 if position == 0 else streams.chunk_frames, frames - position)  # the first chunk is 1 frame
         start = time.perf_counter()
-        codec.decode_step(states, new)
-        sync(device)
+        streams.launch([(slot, c[:, position:position + n]) for slot, c in zip(slots, codes)])
+        streams.collect()
         times.append(time.perf_counter() - start)
         position += n
+    for slot in slots:
+        streams.close(slot)
     return times
 
 
-def bench_stream(codec: Codec, codes: torch.Tensor, chunk: int, seconds: float, passes: int) -> dict[str, Any]:
+def bench_stream(codec: Codec, codes: torch.Tensor, chunk: int, seconds: float, passes: int,
+                 compile_fn: Any) -> dict[str, Any]:
+    streams = CodecStreams(codec, codes.shape[0], chunk)
+    if compile_fn:
+        streams.compile(compile_fn)
+    codes = codes.cpu()  # as the scheduler has them
     # Warm-up: the first chunk and two steady chunks, the shapes every later call repeats.
-    stream_pass(codec, codes, chunk, max_chunks=3)
+    stream_pass(streams, codes, max_chunks=3)
     rates, first, steady, times = [], [], [], []
     for _ in range(passes):
-        times = stream_pass(codec, codes, chunk)
+        times = stream_pass(streams, codes)
         rates.append(codes.shape[0] * seconds / sum(times))
         first.append(times[0])
         steady.extend(times[1:] or times)  # a 1-chunk stream has no steady chunks
@@ -113,6 +120,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--stream-passes", type=int, default=3, help="whole streams decoded per chunk size and batch")
+    p.add_argument("--compile", action="store_true", help="the engine's compiled path (inductor Snake, CUDA graphs)")
     p.add_argument("--json", required=True, type=Path)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -129,8 +137,12 @@ def main() -> None:
     c = codec.config
     frames = max(1, round(args.seconds * c.sample_rate / c.frame_length))
     seconds = frames * c.frame_length / c.sample_rate  # whole frames: the audio actually produced
+    compile_fn = None
+    if args.compile:
+        compile_fn = lambda fn: compile_or_eager(fn, "inductor", None, fullgraph=True, dynamic=True)  # noqa: E731
+        codec.compile_activations(compile_fn)
     result: dict[str, Any] = {
-        "impl": "ours",
+        "impl": "ours", "compiled": args.compile,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "precision": args.precision, "checkpoint": str(args.checkpoint),
         "parameters": sum(t.numel() for t in codec.parameters()),
@@ -148,7 +160,7 @@ def main() -> None:
         for b in batches:
             key = f"c{chunk}_b{b}"
             result["stream"][key] = guarded(device, lambda: bench_stream(codec, codes[:b], chunk, seconds,
-                                                                         args.stream_passes))
+                                                                         args.stream_passes, compile_fn))
             report("stream", key, result["stream"][key])
     audio = reference_audio(round(seconds * c.sample_rate), c.sample_rate)[None].to(device)
     result["encode"]["b1"] = guarded(device, lambda: bench_encode(codec, audio, seconds, args.warmup, args.repeats))

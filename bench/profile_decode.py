@@ -55,4 +55,5 @@ for B in test_b:
         n = sum(e.count for e in ka) / 3
         print(f"B={B} kernels per step {n:.0f}, kernel time per step {total/1e3:.3f} ms")
         print(ka.table(sort_by="device_time_total", row_limit=12, max_name_column_width=70))
+        print(ka.table(sort_by="count", row_limit=40, max_name_column_width=90))
     for s in seqs: runner.release(s)

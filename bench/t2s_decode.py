@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from s1_mini.compilation import compile_or_eager
+from s1_mini.compilation import buckets, compile_or_eager
 from s1_mini.model import load_text2semantic
 from s1_mini.prompt import build_prompt
-from s1_mini.runner import ModelRunner, SequenceState, buckets
+from s1_mini.runner import ModelRunner, SequenceState
 from s1_mini.sampler import SamplingParams
 
 SENTENCE = "The quick brown fox jumps over the lazy dog, and then it runs far away. "

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch._dynamo.exc import TorchDynamoException
+from torch import Tensor
+from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
 
 logger = logging.getLogger(__name__)
 
@@ -141,10 +142,33 @@ def compile_or_eager(fn: Callable[..., Any], backend: str | None, mode: str | No
         if not failed:
             try:
                 return compiled(*args, **kw)
-            except TorchDynamoException as exc:  # compiler failures, not errors of fn
+            except (TorchDynamoException, FailOnRecompileLimitHit) as exc:  # compiler failures, not errors of fn
                 failed = True
                 logger.warning("torch.compile (backend %r) of %s failed; running eager from now on: %s",
                                backend, getattr(fn, "__qualname__", fn), exc)
         return fn(*args, **kw)
 
     return run
+
+
+def buckets(limit: int, smallest: int = 1) -> list[int]:
+    """Powers of two from ``smallest`` below ``limit``, then ``limit``: the row counts of
+    the decode graphs and the prompt lengths of the prefill graphs. A step runs the
+    smallest bucket that holds it."""
+    sizes = [1 << i for i in range(limit.bit_length()) if smallest <= 1 << i < limit]
+    return sizes + [limit]
+
+
+def capture_graph(step: Callable[[], Tensor], pool: tuple) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    """Run ``step`` twice on a side stream (compiling it and settling its allocations),
+    then capture it as a CUDA graph; returns the graph and its output tensor."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = step()
+    return graph, out

@@ -57,7 +57,7 @@ class EngineConfig:
     max_seq_len: int = 0  # KV-cache positions per sequence; 0 = the model's max_seq_len
     kv_cache_gb: float = 0.0  # KV-cache budget; 0 = no budget beyond max_batch_size
     max_queue_size: int = 256  # waiting requests beyond the batch; more are refused at once
-    stream_chunk_frames: int = 4  # frames decoded to audio per streamed chunk (after the first)
+    stream_chunk_frames: int = 4  # most frames per streamed chunk (the first is 1; others may be shorter)
     warmup: bool = True
     # generation defaults
     default_temperature: float = 0.7

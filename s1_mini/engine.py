@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from s1_mini.checkpoint import CheckpointError
-from s1_mini.codec import Codec, encode_reference_audio
+from s1_mini.codec import Codec, CodecStreams, encode_reference_audio
 from s1_mini.compilation import compile_or_eager, resolve_backend, without_cudagraphs
 from s1_mini.config import MAX_TIMEOUT_S, EngineConfig, check_seed
 from s1_mini.generation import GenerationError, resolve_max_new_tokens
@@ -135,15 +135,19 @@ class ProductionTTSEngine:
         max_seq_len = min(c.max_seq_len or mm.model.config.max_seq_len, mm.model.config.max_seq_len)
         self._runner = ModelRunner(mm.model, mm.tokenizer.im_end_id, self._batch_slots(max_seq_len), max_seq_len,
                                    prefix_cache_size=c.prefix_cache_size)
+        # Up to one codec stream per sequence slot: every active request holds one.
+        streams = CodecStreams(mm.codec, self._runner.max_batch_size, c.stream_chunk_frames)
         if mm.compile_backend not in (None, "eager"):
             if c.compile_cache_dir:  # inductor reads its cache location from the environment
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = c.compile_cache_dir
+            mode = without_cudagraphs(c.compile_mode)
             self._runner.compile(lambda fn, dynamic: compile_or_eager(
-                fn, mm.compile_backend, without_cudagraphs(c.compile_mode), fullgraph=True, dynamic=dynamic))
+                fn, mm.compile_backend, mode, fullgraph=True, dynamic=dynamic))
+            streams.compile(lambda fn: compile_or_eager(fn, mm.compile_backend, mode, fullgraph=True, dynamic=True))
         self.voices = VoiceRegistry(c.voice_registry_dir, self._encode_reference,
                                     max_cached=c.reference_cache_size, max_voices=c.voice_registry_size,
                                     max_reference_seconds=c.max_reference_seconds)
-        self._scheduler = Scheduler(self._runner, mm.codec, c.max_queue_size, c.stream_chunk_frames,
+        self._scheduler = Scheduler(self._runner, mm.codec, streams, c.max_queue_size,
                                     on_oom=lambda: mm.clear_cache(force=True))
         self._scheduler.start()
         if c.warmup:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from s1_mini.compilation import buckets, capture_graph
 from s1_mini.model import BlockFn, DualARTransformer, run_block
 from s1_mini.sampler import BatchSampling, NoiseFn, SamplingParams, counter_noise, generator_noise, sample
 
@@ -234,14 +235,6 @@ class SequenceState:
         return torch.stack(self.frames[start:end], dim=1)[1:].to(torch.int32)
 
 
-def buckets(limit: int, smallest: int = 1) -> list[int]:
-    """Powers of two from ``smallest`` below ``limit``, then ``limit``: the row counts of
-    the decode graphs and the prompt lengths of the prefill graphs. A step runs the
-    smallest bucket that holds it."""
-    sizes = [1 << i for i in range(limit.bit_length()) if smallest <= 1 << i < limit]
-    return sizes + [limit]
-
-
 class ModelRunner:
     """Owns the KV caches and the slot state; prefills one sequence into a slot and
     advances every running sequence one frame per ``decode``.
@@ -304,10 +297,10 @@ class ModelRunner:
             return
         pool = torch.cuda.graph_pool_handle()
         for rows in reversed(self.buckets):  # the largest first: its memory is reused by the rest
-            self.graphs[rows] = _capture(lambda: decode_step(self.model, self.state, rows, None, self.sample_fn,
+            self.graphs[rows] = capture_graph(lambda: decode_step(self.model, self.state, rows, None, self.sample_fn,
                                                              self.decode_block), pool)
         for length in reversed(self.prefill_lengths):
-            self.prefill_graphs[length] = _capture(lambda: prefill_step(self.model, self.prefill_inputs, length,
+            self.prefill_graphs[length] = capture_graph(lambda: prefill_step(self.model, self.prefill_inputs, length,
                                                                         self.prefill_block), pool)
         torch.cuda.synchronize()
 
@@ -392,18 +385,3 @@ class ModelRunner:
             frame = frames[s.slot]
             s.frames.append(frame)
             s.finished = int(frame[0]) == self.im_end_id or len(s.frames) >= s.max_new_tokens
-
-
-def _capture(step: Callable[[], Tensor], pool: tuple) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-    """Run ``step`` twice on a side stream (compiling it and settling its allocations),
-    then capture it as a CUDA graph; returns the graph and its output tensor."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = step()
-    return graph, out

@@ -3,8 +3,9 @@
 Requests wait in a bounded queue. Between decode steps the scheduler admits waiting
 requests into free KV-cache slots (prefill), so new requests join the running batch at
 the next step (continuous batching), and retires finished, timed-out or cancelled ones.
-Audio is produced here too: incrementally for streams (the codec's per-stream state),
-in one batched decode for the others.
+Audio is produced here too: for streams, a batched incremental codec step launched
+before each decode step and collected after it (on CUDA the two overlap), and for the
+others one batched decode when they finish.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from s1_mini.codec import Codec, CodecStreamState
+from s1_mini.codec import Codec, CodecStreams
 from s1_mini.runner import ModelRunner, SequenceState
 from s1_mini.sampler import SamplingParams
 
@@ -89,7 +90,7 @@ class Request:
     seq: SequenceState | None = None
     codes: list[Tensor] = field(default_factory=list)  # finished pieces' codes [N, n]
     emitted: int = 0  # frames of the current piece already streamed
-    stream: CodecStreamState | None = None
+    codec_slot: int | None = None  # streams: the slot of its codec stream
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -107,12 +108,12 @@ class Result:
 
 
 class Scheduler:
-    def __init__(self, runner: ModelRunner, codec: Codec, max_queue_size: int, stream_chunk_frames: int,
+    def __init__(self, runner: ModelRunner, codec: Codec, streams: CodecStreams, max_queue_size: int,
                  on_oom: Callable[[], None]) -> None:
         self.runner = runner
         self.codec = codec
+        self.streams = streams
         self.max_queue_size = max_queue_size
-        self.stream_chunk_frames = stream_chunk_frames
         self.on_oom = on_oom
         self.frame_seconds = codec.config.frame_length / codec.config.sample_rate
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
@@ -195,25 +196,32 @@ class Scheduler:
             self._wake.wait(0.05)
             self._wake.clear()
             return
+        # The codec step for the audio already generated runs alongside the decode step.
+        chunks = self._launch_codec()
         running = [r for r in self._active if r.seq is not None and not r.seq.finished]
         if running:
-            start = time.perf_counter()
-            try:
-                self.runner.decode([r.seq for r in running])
-            except torch.cuda.OutOfMemoryError:
-                self._out_of_memory(running)
-                return
-            except Exception as exc:
-                log.exception("decode step failed")
-                for r in running:
-                    self._drop(r, TTSError(ErrorCode.INTERNAL, f"generation failed: {exc}"))
-                return
-            self.steps += 1
-            self.peak_batch = max(self.peak_batch, len(running))
-            elapsed = time.perf_counter() - start
-            for r in running:
-                r.timings.decode_s += elapsed
+            self._decode(running)
+        if chunks:
+            self._collect_codec(chunks)
         self._advance()
+
+    def _decode(self, running: list[Request]) -> None:
+        start = time.perf_counter()
+        try:
+            self.runner.decode([r.seq for r in running])
+        except torch.cuda.OutOfMemoryError:
+            self._out_of_memory(running)
+            return
+        except Exception as exc:
+            log.exception("decode step failed")
+            for r in running:
+                self._drop(r, TTSError(ErrorCode.INTERNAL, f"generation failed: {exc}"))
+            return
+        self.steps += 1
+        self.peak_batch = max(self.peak_batch, len(running))
+        elapsed = time.perf_counter() - start
+        for r in running:
+            r.timings.decode_s += elapsed
 
     def _retire_expired(self) -> None:
         now = time.monotonic()
@@ -252,15 +260,51 @@ class Scheduler:
             return
         r.timings.prefill_s += time.perf_counter() - start
 
+    def _launch_codec(self) -> list[tuple[Request, int, float]]:
+        """Launch a codec step when some stream is due: its first audio, a full chunk
+        (``chunk_frames``), or the rest of a finished piece. The step then takes every
+        stream's new frames (up to a chunk each): one step serves them all, and runs
+        again only when the next one is due. Returns ``(request, frames, launch time)``."""
+        k = self.streams.chunk_frames
+        ready = [(r, min(r.seq.committed - r.emitted, k)) for r in self._active
+                 if r.streaming and r.seq is not None and r.seq.committed > r.emitted]
+        if not any(n == k or r.timings.first_audio_s is None or r.seq.finished for r, n in ready):
+            return []
+        for r, _ in ready:
+            if r.codec_slot is None:
+                r.codec_slot = self.streams.open()
+        start = time.perf_counter()
+        try:
+            self.streams.launch([(r.codec_slot, r.seq.codes(r.emitted, r.emitted + n)) for r, n in ready])
+        except torch.cuda.OutOfMemoryError:
+            self._out_of_memory([r for r, _ in ready])
+            return []
+        return [(r, n, start) for r, n in ready]
+
+    def _collect_codec(self, chunks: list[tuple[Request, int, float]]) -> None:
+        try:
+            audio = self.streams.collect()
+        except torch.cuda.OutOfMemoryError:
+            self._out_of_memory([r for r, _, _ in chunks if r in self._active])
+            return
+        now = time.perf_counter()
+        for (r, n, start), samples in zip(chunks, audio):
+            if r not in self._active:  # dropped meanwhile (the decode step failed)
+                continue
+            r.emitted += n
+            r.timings.codec_s += now - start
+            if r.timings.first_audio_s is None:
+                r.timings.first_audio_s = time.monotonic() - r.submitted_at
+            try:
+                r.on_chunk(samples)
+            except Exception as exc:  # a consumer that went away
+                self._drop(r, TTSError(ErrorCode.CANCELLED, f"the stream consumer failed: {exc}"))
+
     def _advance(self) -> None:
-        """Stream new audio, move finished pieces on, finish completed requests."""
-        streams = [r for r in self._active if r.streaming and r.seq is not None
-                   and (r.seq.committed - r.emitted >= (1 if r.timings.first_audio_s is None else self.stream_chunk_frames)
-                        or (r.seq.finished and r.seq.committed > r.emitted))]
-        if streams:
-            self._stream(streams)
+        """Move finished pieces on (streams once their audio is out), finish completed requests."""
         done = []
-        for r in [r for r in self._active if r.seq is not None and r.seq.finished]:
+        for r in [r for r in self._active if r.seq is not None and r.seq.finished
+                  and not (r.streaming and r.emitted < r.seq.committed)]:
             r.codes.append(r.seq.codes().cpu())
             self.runner.release(r.seq)
             r.seq = None
@@ -271,28 +315,6 @@ class Scheduler:
                 done.append(r)
         if done:
             self._complete(done)
-
-    def _stream(self, requests: list[Request]) -> None:
-        for r in requests:
-            if r.stream is None:
-                r.stream = self.codec.new_stream()
-        chunks = [r.seq.codes(r.emitted) for r in requests]
-        start = time.perf_counter()
-        try:
-            audio = self.codec.decode_step([r.stream for r in requests], [c.to(self.codec.device) for c in chunks])
-        except torch.cuda.OutOfMemoryError:
-            self._out_of_memory(requests)
-            return
-        elapsed = time.perf_counter() - start
-        for r, chunk, samples in zip(requests, chunks, audio):
-            r.emitted += chunk.shape[1]
-            r.timings.codec_s += elapsed
-            if r.timings.first_audio_s is None:
-                r.timings.first_audio_s = time.monotonic() - r.submitted_at
-            try:
-                r.on_chunk(samples.cpu().numpy())
-            except Exception as exc:  # a consumer that went away
-                self._drop(r, TTSError(ErrorCode.CANCELLED, f"the stream consumer failed: {exc}"))
 
     def _complete(self, requests: list[Request]) -> None:
         codes = [torch.cat(r.codes, dim=1) for r in requests]
@@ -333,6 +355,9 @@ class Scheduler:
 
     def _finish(self, r: Request, outcome: Result | TTSError) -> None:
         r.timings.total_s = time.monotonic() - r.submitted_at
+        if r.codec_slot is not None:
+            self.streams.close(r.codec_slot)
+            r.codec_slot = None
         if r.future.done():
             return
         if isinstance(outcome, TTSError):

@@ -17,7 +17,7 @@ import soundfile
 import torch
 
 from s1_mini.checkpoint import CheckpointError
-from s1_mini.codec import Codec, CodecConfig, CodecConfigError, encode_reference_audio, load_audio
+from s1_mini.codec import Codec, CodecConfig, CodecConfigError, CodecStreams, encode_reference_audio, load_audio
 from s1_mini.codec.audio import AudioError, audio_seconds
 from s1_mini.codec.transformer import rope_table
 from s1_mini.testing.codec_checkpoint import TINY_CONFIG, write_codec_checkpoint
@@ -243,23 +243,50 @@ def test_bad_codes_are_refused(codec):
 # --- incremental decode -----------------------------------------------------------------
 
 
-def test_streaming_batched_uneven_chunks_match_offline(codec):
-    """Three streams at different positions, different chunk sizes per call (1 … 13 frames)."""
-    lengths = [60, 37, 45]
-    codes = [codes_for(codec, n, seed=10 + i) for i, n in enumerate(lengths)]
-    schedules = [[1, 2, 13, 1, 7, 36], [3, 1, 1, 5, 20, 7], [1, 1, 1, 1, 1, 40]]
-    states = [codec.new_stream() for _ in codes]
+def stream_all(streams: CodecStreams, codes: list[torch.Tensor], schedules: list[list[int]],
+               slots: list[int] | None = None) -> list[torch.Tensor]:
+    """Decode each stream of ``codes`` in the chunk sizes of its schedule (0: not in that
+    step), in ``slots`` (default: newly opened, closed at the end)."""
+    own = slots is None
+    slots = [streams.open() for _ in codes] if own else slots
+    done = [0] * len(codes)
     pieces: list[list[torch.Tensor]] = [[] for _ in codes]
     for step in range(len(schedules[0])):
-        sizes = [s[step] for s in schedules]
-        starts = [st.frames for st in states]
-        out = codec.decode_step(states, [c[:, t : t + n] for c, t, n in zip(codes, starts, sizes)])
-        for i, (piece, n) in enumerate(zip(out, sizes)):
-            assert piece.shape == (n * FRAME,)
-            pieces[i].append(piece)
-    for i, c in enumerate(codes):
-        assert states[i].frames == lengths[i]
-        assert diff(torch.cat(pieces[i]), codec.decode(c[None])[0]) <= 1e-5
+        chunks = [(i, schedules[i][step]) for i in range(len(codes)) if schedules[i][step]]
+        streams.launch([(slots[i], codes[i][:, done[i] : done[i] + n]) for i, n in chunks])
+        for (i, n), audio in zip(chunks, streams.collect()):
+            assert audio.shape == (n * FRAME,) and audio.dtype == np.float32
+            pieces[i].append(torch.from_numpy(audio))
+            done[i] += n
+    if own:
+        for slot in slots:
+            streams.close(slot)
+    return [torch.cat(p) for p in pieces]
+
+
+def test_streaming_batched_uneven_chunks_match_offline(codec):
+    """Three streams at different positions, different chunk sizes per step (0 … 13
+    frames), in slots 0, 1 and 3; slot 2 holds a stream that decodes nothing meanwhile."""
+    streams = CodecStreams(codec, slots=4, chunk_frames=13)
+    schedules = [[1, 2, 13, 1, 7, 13, 13, 10], [3, 1, 0, 5, 0, 13, 13, 2], [1, 1, 1, 0, 1, 13, 13, 13]]
+    codes = [codes_for(codec, sum(s), seed=10 + i) for i, s in enumerate(schedules)]
+    slots = [streams.open() for _ in range(4)]
+    idle = codes_for(codec, 9, seed=3)
+    (idle_start,) = stream_all(streams, [idle[:, :5]], [[5]], [slots[2]])
+    out = stream_all(streams, codes, schedules, [slots[0], slots[1], slots[3]])
+    for c, audio in zip(codes, out):
+        assert diff(audio, codec.decode(c[None])[0]) <= 1e-5
+    (idle_rest,) = stream_all(streams, [idle[:, 5:]], [[4]], [slots[2]])  # its context survived
+    assert diff(torch.cat([idle_start, idle_rest]), codec.decode(idle[None])[0]) <= 1e-5
+
+
+def test_streaming_slot_reused_by_a_new_stream_starts_fresh(codec):
+    """A closed slot's context must not leak into the next stream that opens it."""
+    streams = CodecStreams(codec, slots=1, chunk_frames=8)
+    first, second = codes_for(codec, 24, 1), codes_for(codec, 20, 2)
+    stream_all(streams, [first], [[8, 8, 8]])
+    (again,) = stream_all(streams, [second], [[1, 8, 8, 3]])
+    assert diff(again, codec.decode(second[None])[0]) <= 1e-5
 
 
 def test_streaming_past_block_size(codec):
@@ -269,20 +296,30 @@ def test_streaming_past_block_size(codec):
     agree with our own offline decode, which extends the table the same way.
     """
     codes = codes_for(codec, 530, seed=5)
-    state = codec.new_stream()
-    pieces = [codec.decode_step([state], [codes[:, t : t + n]])[0] for t, n in [(0, 500), (500, 11), (511, 1), (512, 18)]]
-    assert diff(torch.cat(pieces), codec.decode(codes[None])[0]) <= 1e-5
+    (streamed,) = stream_all(CodecStreams(codec, slots=1, chunk_frames=500), [codes], [[500, 11, 1, 18]])
+    assert diff(streamed, codec.decode(codes[None])[0]) <= 1e-5
     # The extended table agrees with the block-size table where both exist.
     assert torch.equal(rope_table(1100, 16, 10000)[:512], rope_table(512, 16, 10000))
 
 
-def test_streaming_work_is_proportional_to_new_frames(codec):
-    """The state holds a fixed amount of context, whatever the stream's length."""
-    state = codec.new_stream()
-    codec.decode_step([state], [codes_for(codec, 30, 0)])
-    size = sum(t.numel() for t in state.context.values())
-    codec.decode_step([state], [codes_for(codec, 90, 1)])
-    assert sum(t.numel() for t in state.context.values()) == size
+def test_streaming_state_is_fixed_per_slot(codec):
+    """The context held per slot is a fixed size, whatever the stream's length."""
+    streams = CodecStreams(codec, slots=2, chunk_frames=30)
+    stream_all(streams, [codes_for(codec, 30, 0)], [[30]])
+    size = sum(t.numel() for t in streams.context.values())
+    stream_all(streams, [codes_for(codec, 90, 1)], [[30, 30, 30]])
+    assert sum(t.numel() for t in streams.context.values()) == size
+
+
+def test_streaming_refuses_bad_chunks(codec):
+    streams = CodecStreams(codec, slots=1, chunk_frames=4)
+    slot = streams.open()
+    with pytest.raises(ValueError, match="1..4"):
+        streams.launch([(slot, codes_for(codec, 5, 0))])
+    with pytest.raises(RuntimeError, match="no step"):
+        streams.collect()
+    with pytest.raises(RuntimeError, match="slots are in use"):
+        streams.open()
 
 
 # --- precision ---------------------------------------------------------------------------
@@ -297,8 +334,7 @@ def test_low_precision_runs_close_to_fp32(tiny_dir, codec, dtype):
     audio = low.decode(codes)
     assert audio.dtype == torch.float32 and torch.isfinite(audio).all()
     assert diff(audio, codec.decode(codes)) < 0.1
-    state = low.new_stream()
-    streamed = torch.cat([low.decode_step([state], [codes[0, :, t : t + 10]])[0] for t in (0, 10, 20)])
+    (streamed,) = stream_all(CodecStreams(low, slots=1, chunk_frames=10), [codes[0]], [[10, 10, 10]])
     assert torch.isfinite(streamed).all()
     assert low.encode(torch.randn(1, 10 * FRAME) * 0.3).shape == (1, 4, 10)
 
@@ -413,3 +449,16 @@ def test_cli_missing_checkpoint(tmp_path):
     np.save(tmp_path / "c.npy", np.zeros((10, 5), dtype=np.int64))
     r = run_cli("decode", str(tmp_path / "c.npy"), "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert r.returncode != 0 and "Traceback" not in r.stderr and "not found" in r.stderr
+
+
+@pytest.mark.parametrize("dilation,length", [(3, 50), (9, 200), (9, 73), (2, 31)])
+def test_polyphase_conv_equals_dilated_conv(dilation, length):
+    """The CUDA path of dilated convs: the same outputs as the dilated conv itself."""
+    from s1_mini.codec.layers import polyphase_conv1d
+
+    g = torch.Generator().manual_seed(dilation * length)
+    x = torch.randn(2, 6, length + 6 * dilation, generator=g)
+    w, b = torch.randn(5, 6, 7, generator=g), torch.randn(5, generator=g)
+    expected = torch.nn.functional.conv1d(x, w, b, dilation=dilation)
+    assert polyphase_conv1d(x, w, b, dilation).shape == expected.shape
+    assert torch.allclose(polyphase_conv1d(x, w, b, dilation), expected, atol=1e-5)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from s1_mini.codec import Codec, CodecConfig
+from s1_mini.codec import Codec, CodecConfig, CodecStreams
 from s1_mini.codec.context import LeftContext
 from s1_mini.codec.loading import buffer_keys, expected_shapes
 from s1_mini.codec.transformer import WindowedTransformer, rope_table
@@ -85,13 +85,13 @@ def stage_diffs(codec: Codec, audio: np.ndarray, codes: np.ndarray, ref: dict[st
     c = torch.from_numpy(codes)
     q = codec.quantizer
     with torch.inference_mode():
-        ctx = LeftContext.fresh(x.shape[0], frames, "cpu")
+        ctx = LeftContext(x.shape[0], frames, "cpu")
         encoder = codec.encoder(x, ctx)
         z = torch.from_numpy(ref["audio.encoder"])
         for stage in q.downsample:
             z = stage(z, ctx)
         pre = q.pre_module(z, ctx)
-        ctx = LeftContext.fresh(c.shape[0], c.shape[2], "cpu")
+        ctx = LeftContext(c.shape[0], c.shape[2], "cpu")
         post = q.post_module(q.latent(c), ctx)
         z = torch.from_numpy(ref["codes.post_module"])
         for stage in q.upsample:
@@ -101,11 +101,13 @@ def stage_diffs(codec: Codec, audio: np.ndarray, codes: np.ndarray, ref: dict[st
 
 
 def stream(codec: Codec, codes: np.ndarray, chunks: list[int]) -> np.ndarray:
-    state, pieces, t = codec.new_stream(), [], 0
+    streams = CodecStreams(codec, slots=1, chunk_frames=max(chunks))
+    slot, pieces, t = streams.open(), [], 0
     for n in chunks:
-        (piece,) = codec.decode_step([state], [torch.from_numpy(codes[:, t : t + n])])
+        streams.launch([(slot, torch.from_numpy(codes[:, t : t + n]))])
+        (piece,) = streams.collect()
         assert piece.shape == (n * codec.config.frame_length,)
-        pieces.append(piece.numpy())
+        pieces.append(piece)
         t += n
     assert t == codes.shape[1]
     return np.concatenate(pieces)

@@ -5,15 +5,15 @@ Written from ``spec/codec.md``; the reference (fish-speech 0.1.0) is only a test
 
 from .audio import AudioError, encode_reference_audio, load_audio
 from .config import CodecConfig, CodecConfigError
-from .context import CodecStreamState
 from .model import Codec
+from .streams import CodecStreams
 
 __all__ = [
     "AudioError",
     "Codec",
     "CodecConfig",
     "CodecConfigError",
-    "CodecStreamState",
+    "CodecStreams",
     "encode_reference_audio",
     "load_audio",
 ]

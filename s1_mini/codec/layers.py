@@ -29,17 +29,21 @@ class Chain(nn.ModuleList):
         return x
 
 
-class Snake(nn.Module):
+def snake(x: Tensor, alpha: Tensor) -> Tensor:
     """``x + (α + 1e-9)⁻¹ · sin(αx)²`` per channel, in float32 (spec §3.3)."""
+    y = x.float()
+    y = y + (alpha + 1e-9).reciprocal() * torch.sin(alpha * y).pow(2)
+    return y.to(x.dtype)
 
+
+class Snake(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.alpha = nn.Parameter(torch.ones(1, channels, 1))
+        self.activation = snake  # Codec.compile_activations swaps in a compiled one
 
     def forward(self, x: Tensor, ctx: LeftContext) -> Tensor:
-        y = x.float()
-        y = y + (self.alpha + 1e-9).reciprocal() * torch.sin(self.alpha * y).pow(2)
-        return y.to(x.dtype)
+        return self.activation(x, self.alpha)
 
 
 class CausalConv1d(nn.Module):
@@ -65,7 +69,26 @@ class CausalConv1d(nn.Module):
         self.context = (kernel_size - 1) * dilation + 1 - stride
 
     def forward(self, x: Tensor, ctx: LeftContext) -> Tensor:
-        return self.conv(ctx.extend(self, x, self.context))
+        x = ctx.extend(self, x, self.context)
+        c = self.conv
+        if x.is_cuda and c.dilation[0] > 1 and c.stride[0] == 1 and c.groups == 1:
+            # cuDNN picks a slow generic kernel for some long dilated bf16 convs (30 of
+            # 140 ms of a batch-8 decode on an H100): run them undilated on tensor cores.
+            return polyphase_conv1d(x, c.weight, c.bias, c.dilation[0])
+        return c(x)
+
+
+def polyphase_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int) -> Tensor:
+    """``F.conv1d(x, weight, bias, dilation=dilation)`` (no padding) as one undilated
+    conv over the ``dilation`` interleaved phases of ``x``: output ``t = q·d + r`` only
+    reads inputs of phase ``r``. ``x`` is right-padded to whole phases, then cropped."""
+    d, (B, C, L) = dilation, x.shape
+    out = L - (weight.shape[-1] - 1) * d
+    m = -(-L // d)
+    phases = F.pad(x, (0, m * d - L)).view(B, C, m, d).permute(0, 3, 1, 2).reshape(B * d, C, m)
+    y = F.conv1d(phases, weight, bias)  # [B·d, C_out, m − k + 1]
+    y = y.view(B, d, -1, y.shape[-1]).permute(0, 2, 3, 1).reshape(B, -1, y.shape[-1] * d)
+    return y[..., :out]
 
 
 class CausalConvTranspose1d(nn.Module):

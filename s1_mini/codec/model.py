@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -9,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import CodecConfig, TransformerArgs
-from .context import CodecStreamState, LeftContext
-from .layers import CausalConv1d, CausalConvTranspose1d, Chain, ResidualUnit, Snake
+from .context import LeftContext
+from .layers import CausalConv1d, CausalConvTranspose1d, Chain, ResidualUnit, Snake, snake
 from .quantizer import Quantizer, VQStage
 from .transformer import WindowedTransformer
 
@@ -83,7 +84,8 @@ class Decoder(nn.Module):
 
 
 class Codec(nn.Module):
-    """Encode 44.1 kHz mono audio to codes ``[B, N, T]`` and decode them, offline or incrementally.
+    """Encode 44.1 kHz mono audio to codes ``[B, N, T]`` and decode them (offline here;
+    incrementally, many streams at once, with :class:`~s1_mini.codec.streams.CodecStreams`).
 
     Built in float32; :meth:`set_precision` moves the conv and linear weights to bf16 or
     fp16, while Snake, norms, softmax, RoPE and the VQ stay float32 (spec §9).
@@ -133,7 +135,7 @@ class Codec(nn.Module):
             raise ValueError(f"expected audio [batch, samples] with samples > 0, got {list(audio.shape)}")
         frames = -(-audio.shape[1] // self.config.frame_length)
         x = F.pad(audio.to(self.device, self.dtype), (0, frames * self.config.frame_length - audio.shape[1]))
-        ctx = LeftContext.fresh(x.shape[0], frames, self.device)
+        ctx = LeftContext(x.shape[0], frames, self.device)
         return self.quantizer.encode(self.encoder(x[:, None], ctx), ctx)
 
     @torch.inference_mode()
@@ -145,7 +147,7 @@ class Codec(nn.Module):
         codes = self._check_codes(codes, batched=True)
         if codes.shape[2] == 0:
             return torch.zeros(codes.shape[0], 0, device=self.device)
-        ctx = LeftContext.fresh(codes.shape[0], codes.shape[2], self.device)
+        ctx = LeftContext(codes.shape[0], codes.shape[2], self.device)
         return self._decode(codes, ctx)
 
     @torch.inference_mode()
@@ -160,45 +162,20 @@ class Codec(nn.Module):
         if max(lengths, default=0) == 0:
             return [torch.zeros(0, device=self.device) for _ in codes]
         padded = torch.stack([F.pad(c, (0, max(lengths) - n)) for c, n in zip(codes, lengths)])
-        ctx = LeftContext.fresh(len(codes), max(lengths), self.device)
+        ctx = LeftContext(len(codes), max(lengths), self.device)
         audio = self._decode(padded, ctx)
         return [a[: n * self.config.frame_length] for a, n in zip(audio, lengths)]
 
-    def new_stream(self) -> CodecStreamState:
-        """State of a new incremental-decode stream (frame 0, zero context)."""
-        return CodecStreamState()
-
-    @torch.inference_mode()
-    def decode_step(self, states: list[CodecStreamState], new_codes: list[Tensor]) -> list[Tensor]:
-        """Decode the next frames of several streams; returns ``frame_length · n_i`` new samples each.
-
-        ``new_codes[i]`` is ``[N, n_i]`` with ``n_i ≥ 1``; the streams may be at different
-        positions and get different ``n_i``. Work is proportional to the new frames (plus
-        the fixed left context); the concatenated outputs of a stream equal its offline
-        decode. ``states`` are updated in place.
-
-        Streams longer than the transformers' ``block_size`` (4096 frames, 190 s, for the
-        S1 codec) keep working with RoPE positions computed past the reference's table;
-        the reference cannot decode that far, so there is no parity claim there.
-        """
-        if len(states) != len(new_codes) or not states:
-            raise ValueError("decode_step needs one code chunk per stream state")
-        codes = [self._check_codes(c, batched=False) for c in new_codes]
-        if any(c.shape[1] == 0 for c in codes):
-            raise ValueError("decode_step needs at least one new frame per stream")
-        lengths = [c.shape[1] for c in codes]
-        padded = torch.stack([F.pad(c, (0, max(lengths) - n)) for c, n in zip(codes, lengths)])
-        ctx = LeftContext(
-            frames=torch.tensor(lengths, device=self.device),
-            start=torch.tensor([s.frames for s in states], device=self.device),
-            previous=[s.context for s in states],
-            keep=True,
-        )
-        audio = self._decode(padded, ctx)
-        for b, state in enumerate(states):
-            state.frames += lengths[b]
-            state.context = {key: value[b : b + 1] for key, value in ctx.kept.items()}
-        return [a[: n * self.config.frame_length] for a, n in zip(audio, lengths)]
+    def compile_activations(self, wrap: Callable[[Callable], Callable]) -> None:
+        """Run every Snake through ``wrap(snake)`` (e.g. torch.compile, dynamic shapes):
+        eager, each Snake is seven float32 passes over the widest activations."""
+        # Dynamic shapes still recompile for new strides (a transposed conv's cropped
+        # output) and 0/1 sizes: a few more compiles than dynamo's default limit of 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        compiled = wrap(snake)
+        for module in self.modules():
+            if isinstance(module, Snake):
+                module.activation = compiled
 
     def _decode(self, codes: Tensor, ctx: LeftContext) -> Tensor:
         z = self.quantizer.decode(codes, ctx, self.dtype)

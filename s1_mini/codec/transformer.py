@@ -110,8 +110,9 @@ class WindowedTransformer(nn.Module):
             self.input_proj = self.output_proj = None
         self._rope = torch.empty(0)
 
-    def _rope_rows(self, pos: Tensor) -> Tensor:
-        needed = int(pos.max()) + 1
+    def _rope_rows(self, pos: Tensor, needed: int) -> Tensor:
+        """Table rows of ``pos``, whose values are all below ``needed`` (known to the
+        host, so that looking them up never reads the device)."""
         if self._rope.shape[0] < needed or self._rope.device != pos.device:
             # The reference's table covers block_size positions; grow past it on demand.
             length = self.args.block_size if needed <= self.args.block_size else 2 * needed
@@ -122,8 +123,9 @@ class WindowedTransformer(nn.Module):
         x = x.transpose(1, 2)
         if self.input_proj is not None:
             x = self.input_proj(x)
-        pos = ctx.positions(ctx.steps_per_frame(x, 1), x.shape[1])
-        rope = self._rope_rows(pos)
+        steps = ctx.steps_per_frame(x, 1)
+        pos = ctx.positions(steps, x.shape[1])
+        rope = self._rope_rows(pos, ctx.end_frame * steps)
         for layer in self.layers:
             x = layer(x, rope, pos, ctx)
         x = self.norm(x)
