@@ -78,25 +78,28 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,8,32,64")
     p.add_argument("--frames", type=int, default=200)
     p.add_argument("--voice-seconds", type=float, default=20.0, help="registered voice's audio (20 s: ~470-token prompt)")
+    p.add_argument("--prefix-cache-size", type=int, default=16, help="EngineConfig.prefix_cache_size (0: off)")
     p.add_argument("--json", required=True)
     args = p.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     config = EngineConfig(checkpoint_path=args.checkpoint, device="cuda", precision="bfloat16",
                           max_new_tokens=args.frames, max_batch_size=max(levels), max_seq_len=2048,
-                          max_queue_size=4 * max(levels))
+                          max_queue_size=4 * max(levels), prefix_cache_size=args.prefix_cache_size)
     start = time.perf_counter()
     engine = ProductionTTSEngine(config).start()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "start_s": time.perf_counter() - start,
-              "frames": args.frames, "rounds": []}
+              "frames": args.frames, "prefix_cache_size": args.prefix_cache_size, "rounds": []}
     rate = engine.sample_rate
     t = np.arange(int(args.voice_seconds * rate)) / rate
     engine.register_voice("narrator", (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), VOICE_TEXT, rate)
-    for c in levels:
-        for voice in (None, "narrator"):
+    for voice in (None, "narrator"):
+        for c in levels:
             round_of(engine, min(c, 4), voice, "warm")  # new prompt lengths, first chunks
             r = round_of(engine, c, voice, f"{c}-{voice}")
             print(json.dumps(r), flush=True)
             result["rounds"].append(r)
+            with open(args.json, "w") as f:  # what is done so far, should a later round not finish
+                json.dump(result, f, indent=1)
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     result["health"] = engine.health_check()
     engine.stop()

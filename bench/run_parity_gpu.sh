@@ -13,11 +13,7 @@
 #   PRESET=tiny CKPT=/tmp/ckp LENGTHS=30,120 FRAMES=16 BATCH=4 ALONE=2 COMPILE=0 OUT=/tmp/o \
 #   bash bench/run_parity_gpu.sh
 set -uo pipefail
-out=${OUT:-/tmp/out}
-PY=${PY:-python3}
-REF_PY=${REF_PY:-python3}
-REF_PATH=${REF_PATH:-$PWD/bench_carry/ref}
-DEVICE=${DEVICE:-cuda}
+source bench/device_env.sh
 PRESET=${PRESET:-s1-mini}
 CKPT=${CKPT:-/tmp/ck}
 LENGTHS=${LENGTHS:-30,300}      # prompt lengths in tokens (prompt + FRAMES must fit the model's max_seq_len)
@@ -34,7 +30,6 @@ work=$out/parity_work
 mkdir -p "$work"
 export TORCHINDUCTOR_CACHE_DIR=$CACHE
 
-source bench/device_env.sh
 [ -f "$CKPT/model.pth" ] || $PY -m s1_mini.testing.make_checkpoint --preset "$PRESET" --out "$CKPT" --seed 0 --no-codec || exit 1
 
 $PY bench/gpu_parity.py prompts --checkpoint "$CKPT" --lengths "$LENGTHS" --frames "$FRAMES" \

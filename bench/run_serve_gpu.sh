@@ -12,9 +12,7 @@
 #   INSTALL=0 PY=.venv/bin/python DEVICE=cpu PRECISION=float32 COMPILE=0 PRESET=tiny \
 #   SEQ_LEN=0 LEVELS=1,2 FRAMES=8 VOICE_SECONDS=0.05 FRAME_SAMPLES=64 OUT=/tmp/o bash bench/run_serve_gpu.sh
 set -uo pipefail
-out=${OUT:-/tmp/out}
-PY=${PY:-python3}
-DEVICE=${DEVICE:-cuda}
+source bench/device_env.sh
 PRECISION=${PRECISION:-bfloat16}
 COMPILE=${COMPILE:-1}
 PRESET=${PRESET:-s1-mini}
@@ -31,9 +29,7 @@ MAX_STREAMS=${MAX_STREAMS:-160}       # open streams allowed: >= the largest lev
 PORT=${PORT:-8080}
 READY_TIMEOUT=${READY_TIMEOUT:-480}   # cold inductor cache: compile + capture of 8 batch buckets takes minutes
 SWEEP_TIMEOUT=${SWEEP_TIMEOUT:-540}   # the sweep is killed before the call's own limit so the logs come back
-mkdir -p "$out"
 
-source bench/device_env.sh
 [ -f "$CKPT/config.json" ] || $PY -m s1_mini.testing.make_checkpoint --preset "$PRESET" --out "$CKPT" --seed 0 >/dev/null || exit 1
 
 # Engine options shared by both front ends (the SageMaker front reads only S1_MINI_*).

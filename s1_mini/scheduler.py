@@ -3,9 +3,9 @@
 Requests wait in a bounded queue. Between decode steps the scheduler admits waiting
 requests into free KV-cache slots (prefill), so new requests join the running batch at
 the next step (continuous batching), and retires finished, timed-out or cancelled ones.
-Audio is produced here too: for streams, a batched incremental codec step launched
-before each decode step and collected after it (on CUDA the two overlap), and for the
-others one batched decode when they finish.
+Audio is produced here too: for streams, a batched incremental codec step queued on the
+device before each decode step and collected after it (one host round trip for both),
+and for the others one batched decode when they finish.
 """
 
 from __future__ import annotations

@@ -167,6 +167,36 @@ def test_streaming_chunks_equal_offline_audio(engine):
     np.testing.assert_allclose(np.concatenate(asyncio.run(collect())), whole.audio[1], atol=1e-5)
 
 
+def test_concurrent_streams_share_codec_steps(engine):
+    """Streams joining at different times: each one's chunks still equal its offline
+    audio, no chunk exceeds stream_chunk_frames, and one codec step serves several
+    streams (fewer steps than chunks)."""
+    streams = engine._scheduler.streams
+    launches = []
+    launch = streams.launch
+    streams.launch = lambda chunks: (launches.append(len(chunks)), launch(chunks))[1]
+    try:
+        outputs: dict[int, list[np.ndarray]] = {}
+
+        def run(i: int) -> None:
+            time.sleep(0.02 * i)
+            outputs[i] = list(engine.generate_stream(TEXTS[8 + i], seed=i))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        streams.launch = launch
+    frame = engine.model_manager.codec.config.frame_length
+    chunks = [c for out in outputs.values() for c in out]
+    assert all(0 < len(c) <= engine.config.stream_chunk_frames * frame for c in chunks)
+    assert max(launches) > 1 and len(launches) < len(chunks)
+    for i, out in outputs.items():
+        np.testing.assert_allclose(np.concatenate(out), engine.generate(TEXTS[8 + i], seed=i).audio[1], atol=1e-5)
+
+
 def test_long_text_is_generated_in_pieces(checkpoint):
     with ProductionTTSEngine(_config(checkpoint, text_piece_chars=40, max_new_tokens=8)) as engine:
         text = "First sentence is here. Second one follows! 第三句话在这里。 And the last?"

@@ -43,7 +43,9 @@ class Snake(nn.Module):
         self.activation = snake  # Codec.compile_activations swaps in a compiled one
 
     def forward(self, x: Tensor, ctx: LeftContext) -> Tensor:
-        return self.activation(x, self.alpha)
+        # A plain tensor, not the Parameter: a compiled activation then treats the channel
+        # count as dynamic too (parameters get static shapes: one compile per width).
+        return self.activation(x, self.alpha.detach())
 
 
 class CausalConv1d(nn.Module):

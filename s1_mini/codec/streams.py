@@ -4,8 +4,11 @@ Each stream holds a slot; every layer's left context for every slot lives in one
 device buffer (a :class:`SlotContext` store), so a step over slots ``0..rows-1`` with
 ``chunk_frames`` new frames per row (right-padded) has static shapes and never reads
 the device from the host: on CUDA it is captured once per bucket of rows and replayed.
-A step runs on its own CUDA stream, so the caller can launch it, run a decode step of
-the text-to-semantic model meanwhile, then collect the audio.
+The caller launches a step, runs a decode step of the text-to-semantic model, then
+collects the audio: one host round trip for both. They share the current CUDA stream:
+with this step on a side stream, overlapping the decode graph, an engine on an H100 hung
+in the first round with a registered voice (the scheduler waiting on the device), while
+the same sweep on one stream ran every round; overlap waits until that is understood.
 """
 
 from __future__ import annotations
@@ -53,7 +56,6 @@ class CodecStreams:
         self.context: dict[Hashable, Tensor] = {}
         self.buckets = buckets(slots)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
-        self.stream = torch.cuda.Stream(self.device) if cuda else None
         self._launched: tuple[list[tuple[int, int]], Tensor] | None = None
 
     def open(self) -> int:
@@ -74,7 +76,7 @@ class CodecStreams:
         """Compile the Snake activations (``wrap``, dynamic shapes) and, on CUDA, capture
         a step per bucket of rows, largest first (the others reuse its memory)."""
         self.codec.compile_activations(wrap)
-        if self.stream is None:
+        if self.device.type != "cuda":
             return
         pool = torch.cuda.graph_pool_handle()
         for rows in reversed(self.buckets):
@@ -86,12 +88,13 @@ class CodecStreams:
 
     @torch.inference_mode()
     def launch(self, chunks: Sequence[tuple[int, Tensor]]) -> None:
-        """Start decoding ``codes [N, n]`` (1 <= n <= chunk_frames) for each ``(slot, codes)``;
-        on CUDA it runs on the side stream while the host goes on."""
+        """Start decoding ``codes [N, n]`` (1 <= n <= chunk_frames) for each ``(slot, codes)``
+        (on CUDA: queued on the device while the host goes on)."""
         if self._launched is not None:
             raise RuntimeError("collect() the launched step first")
         n_codebooks, k = self.codec.config.num_codebooks, self.chunk_frames
-        rows = max(slot for slot, _ in chunks) + 1
+        # The smallest bucket that holds the highest slot (eager too: the same rows run).
+        rows = next(b for b in self.buckets if b > max(slot for slot, _ in chunks))
         # Rows without new frames keep their context: no valid frames, and their stream's
         # own position (a start of 0 would mean a fresh stream and clear it).
         self.host_inputs[:rows, -2] = 0
@@ -107,11 +110,9 @@ class CodecStreams:
             self.position[slot] += n
             order.append((slot, n))
         if self.graphs:
-            rows = next(b for b in self.buckets if b >= rows)
             graph, audio = self.graphs[rows]
-            with torch.cuda.stream(self.stream):
-                self.inputs[:rows].copy_(self.host_inputs[:rows], non_blocking=True)
-                graph.replay()
+            self.inputs[:rows].copy_(self.host_inputs[:rows], non_blocking=True)
+            graph.replay()
         else:
             self.inputs[:rows].copy_(self.host_inputs[:rows])
             audio = self._step(rows)
@@ -123,11 +124,7 @@ class CodecStreams:
             raise RuntimeError("no step was launched")
         order, audio = self._launched
         self._launched = None
-        if self.stream is not None:
-            with torch.cuda.stream(self.stream):
-                audio = audio.cpu()  # waits for the side stream only
-        else:
-            audio = audio.cpu()
+        audio = audio.cpu()
         frame = self.codec.config.frame_length
         return [audio[slot, : n * frame].numpy() for slot, n in order]
 
