@@ -58,6 +58,10 @@ class EngineConfig:
     kv_cache_gb: float = 0.0  # KV-cache budget; 0 = no budget beyond max_batch_size
     max_queue_size: int = 256  # waiting requests beyond the batch; more are refused at once
     stream_chunk_frames: int = 4  # most frames per streamed chunk (the first is 1; others may be shorter)
+    # Requests admitted together are prefilled this many at a time in one padded batch
+    # (compiled on CUDA: the compiled block with dynamic shapes instead of one captured
+    # graph each); 1 = one at a time.
+    prefill_batch_size: int = 1
     warmup: bool = True
     # generation defaults
     default_temperature: float = 0.7
@@ -111,6 +115,7 @@ class EngineConfig:
         need("kv_cache_gb", self.kv_cache_gb >= 0, "must be >= 0")
         need("max_queue_size", self.max_queue_size >= 0, "must be >= 0")
         need("stream_chunk_frames", self.stream_chunk_frames >= 1, "must be >= 1")
+        need("prefill_batch_size", 1 <= self.prefill_batch_size <= 1024, "must be between 1 and 1024")
         need("default_temperature", 0 < self.default_temperature < 2, "must satisfy 0 < x < 2")
         need("default_top_p", 0 < self.default_top_p <= 1, "must satisfy 0 < x <= 1")
         need("default_repetition_penalty", 0 < self.default_repetition_penalty < 2, "must satisfy 0 < x < 2")

@@ -144,11 +144,14 @@ class ProductionTTSEngine:
             self._runner.compile(lambda fn, dynamic: compile_or_eager(
                 fn, mm.compile_backend, mode, fullgraph=True, dynamic=dynamic))
             streams.compile(lambda fn: compile_or_eager(fn, mm.compile_backend, mode, fullgraph=True, dynamic=True))
+        if c.prefill_batch_size > 1 and self._runner.max_batch_size > 1:
+            self._runner.warm_prefill_batch()
         self.voices = VoiceRegistry(c.voice_registry_dir, self._encode_reference,
                                     max_cached=c.reference_cache_size, max_voices=c.voice_registry_size,
                                     max_reference_seconds=c.max_reference_seconds)
         self._scheduler = Scheduler(self._runner, mm.codec, streams, c.max_queue_size,
-                                    on_oom=lambda: mm.clear_cache(force=True))
+                                    on_oom=lambda: mm.clear_cache(force=True),
+                                    prefill_batch_size=c.prefill_batch_size)
         self._scheduler.start()
         if c.warmup:
             self._warm_up()

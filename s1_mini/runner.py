@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -336,6 +336,55 @@ class ModelRunner:
             frame = decode_frame(self.model, seq.prompt[None, :, start:].to(self.device).long(),
                                  torch.arange(start, T, device=self.device)[None],
                                  torch.tensor([seq.slot], device=self.device), sampling, None, None)[0]
+        self._prefilled(seq, start, frame)
+
+    @torch.inference_mode()
+    def prefill_batch(self, seqs: Sequence[SequenceState]) -> None:
+        """Prefill several sequences, each in its slot, as one batch of prompts padded at
+        their ends: the first frames one ``prefill`` each would give (the same draws), in
+        one pass. Compiled, it runs the compiled block with dynamic shapes, not a graph."""
+        if len(seqs) == 1:
+            return self.prefill(seqs[0])
+        if self.fault_hook:
+            self.fault_hook("prefill")
+        starts = [self._restore_prefix(s) for s in seqs]
+        lengths = [s.prompt.shape[1] - start for s, start in zip(seqs, starts)]
+        tokens = torch.zeros(len(seqs), seqs[0].prompt.shape[0], max(lengths), dtype=torch.long)
+        for row, (s, start, n) in enumerate(zip(seqs, starts, lengths)):
+            tokens[row, :, :n] = s.prompt[:, start:]
+        # Padding past the cache's end lands on its last position, as in prefill_step.
+        end = self.model.slow_caches[0].k.shape[2] - 1
+        pos = (torch.tensor(starts)[:, None] + torch.arange(tokens.shape[2])).clamp(max=end)
+        greedy = torch.tensor([s.seed is None for s in seqs], device=self.device)
+        if self.compiled:
+            seeds = torch.tensor([(s.seed or 0) % 2**63 for s in seqs], device=self.device)
+            noise = counter_noise(seeds, torch.full_like(seeds, -1))
+        else:
+            noise = generator_noise([None if s.seed is None else s.generator for s in seqs])
+        sampling = replace(BatchSampling.build([s.params for s in seqs], None, self.dtype, self.device),
+                           noise=noise, greedy=greedy)
+        frames = decode_frame(self.model, tokens.to(self.device), pos.to(self.device),
+                              torch.tensor([s.slot for s in seqs], device=self.device), sampling, None, None,
+                              self.sample_fn, self.prefill_block, at=torch.tensor(lengths, device=self.device) - 1)
+        for s, start, frame in zip(seqs, starts, frames):
+            self._prefilled(s, start, frame)
+
+    def warm_prefill_batch(self) -> None:
+        """Run one batched prefill of two dummy prompts now: compiled, its dynamic-shape
+        kernels are built at start-up, not when the first burst of requests arrives."""
+        width = self.state.last.shape[1]
+        seqs = [SequenceState(torch.zeros(width, 8, dtype=torch.int32), 2, SamplingParams(), seed) for seed in (0, 1)]
+        for s in seqs:
+            self.acquire(s)
+        try:
+            self.prefill_batch(seqs)
+        finally:
+            for s in seqs:
+                self.release(s)
+
+    def _prefilled(self, seq: SequenceState, start: int, frame: Tensor) -> None:
+        """Record a prefill's first frame; keep the voice prefix it computed, if any."""
+        T = seq.prompt.shape[1]
         if seq.prefix is not None and start == 0 and self.prefix_cache.capacity and 0 < seq.prefix[1] < T:
             P = seq.prefix[1]
             self.prefix_cache.put(seq.prefix[0], [(c.k[seq.slot, :, :P].clone(), c.v[seq.slot, :, :P].clone())

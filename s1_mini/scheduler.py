@@ -109,11 +109,12 @@ class Result:
 
 class Scheduler:
     def __init__(self, runner: ModelRunner, codec: Codec, streams: CodecStreams, max_queue_size: int,
-                 on_oom: Callable[[], None]) -> None:
+                 on_oom: Callable[[], None], prefill_batch_size: int = 1) -> None:
         self.runner = runner
         self.codec = codec
         self.streams = streams
         self.max_queue_size = max_queue_size
+        self.prefill_batch_size = prefill_batch_size
         self.on_oom = on_oom
         self.frame_seconds = codec.config.frame_length / codec.config.sample_rate
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
@@ -196,7 +197,7 @@ class Scheduler:
             self._wake.wait(0.05)
             self._wake.clear()
             return
-        # The codec step for the audio already generated runs alongside the decode step.
+        # Queued before the decode step, so that one host round trip serves both.
         chunks = self._launch_codec()
         running = [r for r in self._active if r.seq is not None and not r.seq.finished]
         if running:
@@ -232,33 +233,43 @@ class Scheduler:
                 self._drop(r, TTSError(ErrorCode.TIMEOUT, "the request timed out (request_timeout_seconds)"))
 
     def _admit(self) -> None:
+        admitted = []
         while self._waiting and self.runner.free_slots:
             r = self._waiting.popleft()
             with self._lock:
                 self._pending -= 1
             r.timings.queued_s = time.monotonic() - r.submitted_at
             self._active.append(r)
-            self._start_piece(r)
+            admitted.append(r)
+            self.runner.acquire(self._next_piece(r))
+        for i in range(0, len(admitted), self.prefill_batch_size):
+            self._prefill(admitted[i : i + self.prefill_batch_size])
 
-    def _start_piece(self, r: Request) -> None:
-        """Prefill the request's current text piece into a free slot."""
+    def _next_piece(self, r: Request) -> SequenceState:
+        """The sequence of the request's current text piece."""
         # The generator carries the request's seed; each piece gets its own counter-noise
         # seed (a compiled runner), while an eager runner draws every piece from it in turn.
         seed = (r.generator.initial_seed() + r.piece * 0x9E3779B97F4A7C15) % 2**63
         r.seq = SequenceState(r.prompts[r.piece], r.max_new_tokens, r.params, seed, r.generator, r.prefix)
         r.emitted = 0
-        self.runner.acquire(r.seq)
+        return r.seq
+
+    def _prefill(self, requests: list[Request]) -> None:
+        """Prefill the requests' current pieces (each holds a slot) together."""
         start = time.perf_counter()
         try:
-            self.runner.prefill(r.seq)
+            self.runner.prefill_batch([r.seq for r in requests])
         except torch.cuda.OutOfMemoryError:
-            self._out_of_memory([r])
+            self._out_of_memory(requests)
             return
         except Exception as exc:
             log.exception("prefill failed")
-            self._drop(r, TTSError(ErrorCode.INTERNAL, f"prefill failed: {exc}"))
+            for r in requests:
+                self._drop(r, TTSError(ErrorCode.INTERNAL, f"prefill failed: {exc}"))
             return
-        r.timings.prefill_s += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        for r in requests:
+            r.timings.prefill_s += elapsed
 
     def _launch_codec(self) -> list[tuple[Request, int, float]]:
         """Launch a codec step when some stream is due: its first audio, a full chunk
@@ -309,8 +320,9 @@ class Scheduler:
             self.runner.release(r.seq)
             r.seq = None
             r.piece += 1
-            if r.piece < len(r.prompts):
-                self._start_piece(r)  # the same slot is free again: continue without queueing
+            if r.piece < len(r.prompts):  # the same slot is free again: continue without queueing
+                self.runner.acquire(self._next_piece(r))
+                self._prefill([r])
             else:
                 done.append(r)
         if done:

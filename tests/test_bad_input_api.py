@@ -349,6 +349,8 @@ CONFIG = [
     case("kv-inf", EngineConfigError, "kv_cache_gb", kv_cache_gb=math.inf),
     case("queue-negative", EngineConfigError, "max_queue_size", max_queue_size=-1),
     case("chunk-frames-zero", EngineConfigError, "stream_chunk_frames", stream_chunk_frames=0),
+    case("prefill-batch-zero", EngineConfigError, "prefill_batch_size", prefill_batch_size=0),
+    case("prefill-batch-huge", EngineConfigError, "prefill_batch_size", prefill_batch_size=5000),
     case("temperature-zero", EngineConfigError, "default_temperature", default_temperature=0),
     case("temperature-nan", EngineConfigError, "default_temperature", default_temperature=math.nan),
     case("top-p-above-one", EngineConfigError, "default_top_p", default_top_p=1.1),
@@ -469,7 +471,7 @@ CONFIG_VALUES = st.fixed_dictionaries({}, optional={
     name: junk | st.floats(-1e3, 1e3) | st.integers(-5, 2000) | st.sampled_from(["cpu", "cuda:0", "float32", "auto"])
     for name in ("device", "precision", "compile_model", "compile_backend", "compile_mode", "request_timeout_seconds",
                  "max_text_length", "text_piece_chars", "max_new_tokens", "max_batch_size", "max_seq_len",
-                 "kv_cache_gb", "max_queue_size", "stream_chunk_frames", "warmup", "default_temperature",
+                 "kv_cache_gb", "max_queue_size", "stream_chunk_frames", "prefill_batch_size", "warmup", "default_temperature",
                  "default_top_p", "default_repetition_penalty", "voice_registry_dir", "voice_registry_size",
                  "reference_cache_size", "max_reference_seconds", "vram_clear_threshold_gb",
                  "vram_clear_on_oom_only")})

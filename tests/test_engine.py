@@ -451,6 +451,48 @@ def test_voice_prefix_cache_gives_the_same_codes(checkpoint, compiled):
         assert e.health_check()["prefix_cache_misses"] == 2
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-path"])
+def test_requests_admitted_together_are_prefilled_in_batches(checkpoint, compiled):
+    """prefill_batch_size 4: five requests admitted in one iteration (two of them with a
+    voice whose prompt part comes from the prefix cache, so their prefill starts at an
+    offset) are prefilled as a batch of 4 and one of 1, and give the codes they give
+    one at a time."""
+    requests = [dict(text="Plain text number one.", seed=1), dict(text="With the voice.", reference_id="v", seed=2),
+                dict(text="Plain text again, a longer one than the others.", seed=3),
+                dict(text="The voice again, other words.", reference_id="v", seed=4), dict(text="Last.", seed=5)]
+
+    def run(batch: int) -> tuple[list[np.ndarray], list[int]]:
+        with ProductionTTSEngine(_config(checkpoint, prefill_batch_size=batch, max_new_tokens=12)) as e:
+            if compiled:
+                e._runner.compile(lambda fn, dynamic: fn)  # padded prefill and counter noise, not compiled
+            e.register_voice("v", _sine_wav(), "The voice speaking.")
+            assert e.generate("Fill the prefix cache.", reference_id="v", seed=9).success
+            sizes, hold, held = [], threading.Event(), threading.Event()
+            prefill_batch = e._runner.prefill_batch
+            e._runner.prefill_batch = lambda seqs: (sizes.append(len(seqs)), prefill_batch(seqs))[1]
+
+            def pause(where: str) -> None:  # hold the scheduler in a decode step while the five queue up
+                if where == "decode" and not held.is_set():
+                    held.set()
+                    hold.wait(30)
+
+            e._runner.fault_hook = pause
+            blocker = e.submit("Keeps the scheduler busy.", seed=8)
+            assert held.wait(30)
+            submitted = [e.submit(**r) for r in requests]
+            hold.set()
+            responses = [e.wait(r) for r in submitted]
+            assert e.wait(blocker).success
+            assert all(r.success for r in responses), [r.error for r in responses]
+            return [r.codes for r in responses], sizes
+
+    one_by_one, _ = run(1)
+    together, sizes = run(4)
+    assert sorted(sizes[-2:]) == [1, 4]
+    for a, b in zip(one_by_one, together):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_model_fn_uses_a_shipped_compile_cache(checkpoint, tmp_path, monkeypatch):
     """A compile-cache/ directory in model.tar.gz's checkpoint is copied somewhere writable
     and becomes the engine's compile_cache_dir (inductor's TORCHINDUCTOR_CACHE_DIR)."""
