@@ -121,6 +121,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--stream-passes", type=int, default=3, help="whole streams decoded per chunk size and batch")
     p.add_argument("--compile", action="store_true", help="the engine's compiled path (inductor Snake, CUDA graphs)")
+    p.add_argument("--profile", action="store_true",
+                   help="print torch.profiler's kernel table for one offline decode at the largest batch <= 8")
     p.add_argument("--json", required=True, type=Path)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -170,6 +172,21 @@ def main() -> None:
     result["peak_gib"] = max(peaks) if peaks else None
     args.json.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.json}")
+    if args.profile:
+        print_profile(codec, codes[: max(b for b in batches if b <= 8)])
+
+
+def print_profile(codec: Codec, codes: torch.Tensor) -> None:
+    """Where one offline decode's time goes: kernels and the ops (with shapes) behind them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        codec.decode(codes)
+        sync(codec.device)
+    table = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cuda_time_total" if codec.device.type == "cuda" else "self_cpu_time_total", row_limit=25,
+        max_name_column_width=60, max_shapes_column_width=80)
+    print(f"profile: offline decode, batch {codes.shape[0]}\n{table}", flush=True)
 
 
 def report(part: str, key: str, r: dict[str, Any]) -> None:

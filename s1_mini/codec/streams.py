@@ -56,6 +56,7 @@ class CodecStreams:
         self.context: dict[Hashable, Tensor] = {}
         self.buckets = buckets(slots)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self._tables: list[Tensor] = []  # positions tables the graphs read (see compile)
         self._launched: tuple[list[tuple[int, int]], Tensor] | None = None
 
     def open(self) -> int:
