@@ -114,7 +114,8 @@ class EngineConfig:
         need("max_seq_len", self.max_seq_len >= 0, "must be >= 0")
         need("kv_cache_gb", self.kv_cache_gb >= 0, "must be >= 0")
         need("max_queue_size", self.max_queue_size >= 0, "must be >= 0")
-        need("stream_chunk_frames", self.stream_chunk_frames >= 1, "must be >= 1")
+        # The streaming codec step is sized for max_batch_size streams of this many frames.
+        need("stream_chunk_frames", 1 <= self.stream_chunk_frames <= 64, "must be between 1 and 64")
         need("prefill_batch_size", 1 <= self.prefill_batch_size <= 1024, "must be between 1 and 1024")
         need("default_temperature", 0 < self.default_temperature < 2, "must satisfy 0 < x < 2")
         need("default_top_p", 0 < self.default_top_p <= 1, "must satisfy 0 < x <= 1")

@@ -349,6 +349,7 @@ CONFIG = [
     case("kv-inf", EngineConfigError, "kv_cache_gb", kv_cache_gb=math.inf),
     case("queue-negative", EngineConfigError, "max_queue_size", max_queue_size=-1),
     case("chunk-frames-zero", EngineConfigError, "stream_chunk_frames", stream_chunk_frames=0),
+    case("chunk-frames-huge", EngineConfigError, "stream_chunk_frames", stream_chunk_frames=65),
     case("prefill-batch-zero", EngineConfigError, "prefill_batch_size", prefill_batch_size=0),
     case("prefill-batch-huge", EngineConfigError, "prefill_batch_size", prefill_batch_size=5000),
     case("temperature-zero", EngineConfigError, "default_temperature", default_temperature=0),
