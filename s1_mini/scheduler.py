@@ -207,22 +207,29 @@ class Scheduler:
         self._advance()
 
     def _decode(self, running: list[Request]) -> None:
-        start = time.perf_counter()
-        try:
-            self.runner.decode([r.seq for r in running])
-        except torch.cuda.OutOfMemoryError:
-            self._out_of_memory(running)
-            return
-        except Exception as exc:
-            log.exception("decode step failed")
-            for r in running:
-                self._drop(r, TTSError(ErrorCode.INTERNAL, f"generation failed: {exc}"))
+        elapsed = self._model_step(running, "generation", lambda: self.runner.decode([r.seq for r in running]))
+        if elapsed is None:
             return
         self.steps += 1
         self.peak_batch = max(self.peak_batch, len(running))
-        elapsed = time.perf_counter() - start
         for r in running:
             r.timings.decode_s += elapsed
+
+    def _model_step(self, requests: list[Request], what: str, step: Callable[[], None]) -> float | None:
+        """Run a prefill or decode step of ``requests``; its seconds, or None when it failed
+        and the requests were ended (out of memory, or an internal error)."""
+        start = time.perf_counter()
+        try:
+            step()
+        except torch.cuda.OutOfMemoryError:
+            self._out_of_memory(requests)
+            return None
+        except Exception as exc:
+            log.exception("%s step failed", what)
+            for r in requests:
+                self._drop(r, TTSError(ErrorCode.INTERNAL, f"{what} failed: {exc}"))
+            return None
+        return time.perf_counter() - start
 
     def _retire_expired(self) -> None:
         now = time.monotonic()
@@ -256,20 +263,10 @@ class Scheduler:
 
     def _prefill(self, requests: list[Request]) -> None:
         """Prefill the requests' current pieces (each holds a slot) together."""
-        start = time.perf_counter()
-        try:
-            self.runner.prefill_batch([r.seq for r in requests])
-        except torch.cuda.OutOfMemoryError:
-            self._out_of_memory(requests)
-            return
-        except Exception as exc:
-            log.exception("prefill failed")
+        elapsed = self._model_step(requests, "prefill", lambda: self.runner.prefill_batch([r.seq for r in requests]))
+        if elapsed is not None:
             for r in requests:
-                self._drop(r, TTSError(ErrorCode.INTERNAL, f"prefill failed: {exc}"))
-            return
-        elapsed = time.perf_counter() - start
-        for r in requests:
-            r.timings.prefill_s += elapsed
+                r.timings.prefill_s += elapsed
 
     def _launch_codec(self) -> list[tuple[Request, int, float]]:
         """Launch a codec step when some stream is due: its first audio, a full chunk
