@@ -1,5 +1,5 @@
 """Where a decode step's time goes on a GPU: compile + capture time, captured prefill,
-graph replay vs the runner's whole decode call, and a torch.profiler table (kernel count
+n prompts prefilled as one batch or one by one, graph replay vs the runner's whole decode call, and a torch.profiler table (kernel count
 and kernel time per step) for each batch size. Random weights: speed only.
 
     python bench/profile_decode.py CHECKPOINT MAX_BATCH BATCHES      # e.g. /tmp/ck 8 1,8
@@ -30,25 +30,44 @@ def prefill_ms(n, reps=6):
     return [round(x * 1e3, 1) for x in ts]
 print("prefill 30 ms", prefill_ms(30), flush=True)
 print("prefill 600 ms", prefill_ms(600), flush=True)
+runner.warm_prefill_batch()
+def prefill_batch_ms(n, batched, reps=3):
+    """n 30-token prompts arriving together: one batched prefill, or n one by one."""
+    ts = []
+    for i in range(reps):
+        seqs = [SequenceState(prompt_of(tok, model, 30 + j), 100, SamplingParams(), j) for j in range(n)]
+        for s in seqs: runner.acquire(s)
+        torch.cuda.synchronize(); t = time.perf_counter()
+        if batched:
+            runner.prefill_batch(seqs)
+        else:
+            for s in seqs: runner.prefill(s)
+        torch.cuda.synchronize(); ts.append(time.perf_counter() - t)
+        for s in seqs: runner.release(s)
+    return [round(x * 1e3, 1) for x in ts]
+for n in (4, 8, 16):
+    n = min(n, max_batch)
+    print(f"prefill {n} prompts ms: batched {prefill_batch_ms(n, True)}, one by one {prefill_batch_ms(n, False)}", flush=True)
 p = prompt_of(tok, model, 30)
 for B in test_b:
     seqs = [SequenceState(p, 10**6, SamplingParams(), b) for b in range(B)]
     for s in seqs: runner.acquire(s); runner.prefill(s)
     for _ in range(5): runner.decode(seqs)
-    g, _ = runner.graphs[B]
+    kv = runner._kv_len(max(s.prompt.shape[1] + len(s.frames) for s in seqs))  # the bucket decode() replays
+    g, _ = runner.graphs[B, kv]
     torch.cuda.synchronize(); t = time.perf_counter()
     for _ in range(100): g.replay()
     torch.cuda.synchronize(); replay = (time.perf_counter() - t) / 100
     t = time.perf_counter()
     for _ in range(100): runner.decode(seqs)
     torch.cuda.synchronize(); dec = (time.perf_counter() - t) / 100
-    print(f"B={B} replay {replay*1e3:.3f} ms ({B/replay:.0f} fps)  decode {dec*1e3:.3f} ms ({B/dec:.0f} fps)", flush=True)
+    print(f"B={B} kv_len {kv} replay {replay*1e3:.3f} ms ({B/replay:.0f} fps)  decode {dec*1e3:.3f} ms ({B/dec:.0f} fps)", flush=True)
     if True:  # the same kernels as the graph, launched one by one under the profiler
         from torch.profiler import profile, ProfilerActivity
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 with torch.inference_mode():
-                    decode_step(model, runner.state, B, None, runner.sample_fn, runner.decode_block)
+                    decode_step(model, runner.state, B, None, runner.sample_fn, runner.decode_block, kv)
             torch.cuda.synchronize()
         ka = prof.key_averages()
         total = sum(e.device_time_total for e in ka) / 3

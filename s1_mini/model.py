@@ -226,7 +226,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: Tensor, cache: "KVCache", slots: Tensor | None,
                 pos: Tensor, mask: Tensor) -> Tensor:
         """x ``[B, T, dim]``; writes K/V at ``cache[slots, :, pos]`` and attends to the
-        cache under ``mask [B, 1, T, L]`` (True = visible)."""
+        cache's first ``L`` positions under ``mask [B, 1, T, L]`` (True = visible)."""
         s = self.s
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).split(
@@ -237,7 +237,7 @@ class Attention(nn.Module):
         if s.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        keys, values = cache.write(slots, pos, k, v)
+        keys, values = cache.write(slots, pos, k, v, mask.shape[-1])
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys, values, attn_mask=mask,
             enable_gqa=s.n_kv_head != s.n_head)
@@ -290,10 +290,11 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def write(self, slots: Tensor | None, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store ``k, v [B, T, H, d]`` at ``(slots[b], pos[b, t])``; return the K/V of
-        the batch's slots ``[B, H, L, d]``. ``slots=None`` means slots ``0..B-1``,
-        which returns views instead of gathered copies."""
+    def write(self, slots: Tensor | None, pos: Tensor, k: Tensor, v: Tensor,
+              length: int) -> tuple[Tensor, Tensor]:
+        """Store ``k, v [B, T, H, d]`` at ``(slots[b], pos[b, t])``; return the first
+        ``length`` positions of the batch's slots ``[B, H, length, d]``. ``slots=None``
+        means slots ``0..B-1``, which returns views instead of gathered copies."""
         B = pos.shape[0]
         if slots is None:
             # Index the whole cache, not a slice of it: compiled, a write through the
@@ -301,11 +302,11 @@ class KVCache:
             rows = torch.arange(B, device=pos.device)[:, None].expand_as(pos)
             self.k[rows, :, pos] = k
             self.v[rows, :, pos] = v
-            return self.k[:B], self.v[:B]
+            return self.k[:B, :, :length], self.v[:B, :, :length]
         rows = slots[:, None].expand_as(pos)
         self.k[rows, :, pos] = k
         self.v[rows, :, pos] = v
-        return self.k[slots], self.v[slots]
+        return self.k[slots, :, :length], self.v[slots, :, :length]
 
 
 # ---------------------------------------------------------------------------- model
@@ -388,16 +389,20 @@ class DualARTransformer(nn.Module):
 
     def forward_slow(self, tokens: Tensor, pos: Tensor, slots: Tensor | None = None,
                      all_positions: bool = False, block: BlockFn = run_block,
-                     at: Tensor | None = None) -> SlowOutput:
+                     at: Tensor | None = None, kv_len: int | None = None) -> SlowOutput:
         """Run the slow stack over ``tokens [B, N+1, T]`` at absolute positions
         ``pos [B, T]`` in cache ``slots [B]`` (None: slots 0..B-1); return the last
         position's logits and fast input (§4.7), or those of position ``at [B]`` (a
         prompt padded at its end), or every position's with ``all_positions`` (for
         tests). Prefill is T = prompt length, a decode step T = 1.
         Every layer runs through ``block`` (a compiled ``run_block``: one compile serves
-        all layers)."""
-        cache_len = self.slow_caches[0].k.shape[2]
-        mask = (torch.arange(cache_len, device=pos.device)[None, None, :] <= pos[:, :, None])[:, None]
+        all layers). Attention reads the caches' first ``kv_len`` positions (default:
+        all), which must cover every ``pos``: a decode step's cost grows with it."""
+        kv_len = kv_len or self.slow_caches[0].k.shape[2]
+        mask = (torch.arange(kv_len, device=pos.device)[None, None, :] <= pos[:, :, None])[:, None]
+        # The length varies from step to step: dynamic, so that one compile of the block
+        # (static in everything else) serves every length.
+        torch._dynamo.maybe_mark_dynamic(mask, 3)
         rope = self.freqs_cis[pos]
         x = self.embed(tokens)
         for layer, cache in zip(self.layers, self.slow_caches):

@@ -25,22 +25,25 @@ SampleFn = Callable[[Tensor, Tensor | None, BatchSampling, "int | Tensor"], Tens
 
 # Decode steps look back this many frames for the repetition penalty (§5.5).
 PENALTY_WINDOW = 16
+# The shortest attention length a step runs: below it, a step's cost hardly depends on it.
+KV_SMALLEST = 256
 
 
 def decode_frame(model: DualARTransformer, tokens: Tensor, pos: Tensor, slots: Tensor | None,
                  sampling: BatchSampling, slow_history: Tensor | None,
                  fast_history: Tensor | None, sample_fn: SampleFn = sample,
-                 block: BlockFn = run_block, at: Tensor | None = None) -> Tensor:
+                 block: BlockFn = run_block, at: Tensor | None = None, kv_len: int | None = None) -> Tensor:
     """One frame for each sequence of the batch (§5.3).
 
     ``tokens [B, N+1, T]`` at positions ``pos [B, T]``; ``slow_history [B, H]`` are the
     ids penalized for the slow token and ``fast_history [B, N, W]`` row k the codes
     penalized for codebook k (both None in the prefill). The frame follows position
-    ``at [B]`` (default: the last). Returns ``[B, N+1]`` int64: the token, then
+    ``at [B]`` (default: the last); the slow stack attends to the first ``kv_len``
+    cache positions (default: all). Returns ``[B, N+1]`` int64: the token, then
     codebooks 0..N-1.
     """
     c = model.config
-    out = model.forward_slow(tokens, pos, slots, block=block, at=at)
+    out = model.forward_slow(tokens, pos, slots, block=block, at=at, kv_len=kv_len)
     # The draw index as a tensor: a compiled sampler given a Python int compiles once per value.
     draws = torch.arange(c.num_codebooks, device=tokens.device)
     token = sample_fn(out.logits, slow_history, sampling, draws[0])
@@ -114,10 +117,11 @@ class SlotState:
 
 
 def decode_step(model: DualARTransformer, state: SlotState, rows: int, noise: NoiseFn | None = None,
-                sample_fn: SampleFn = sample, block: BlockFn = run_block) -> Tensor:
-    """One frame for slots ``0..rows-1`` from their state, which it then advances.
-    Returns the frames ``[rows, N+1]``. Pure tensor work, so it can be captured in a
-    CUDA graph (``noise=None``: counter noise)."""
+                sample_fn: SampleFn = sample, block: BlockFn = run_block, kv_len: int | None = None) -> Tensor:
+    """One frame for slots ``0..rows-1`` from their state, which it then advances;
+    attention reads the first ``kv_len`` cache positions, which must cover every
+    running row's position. Returns the frames ``[rows, N+1]``. Pure tensor work, so it
+    can be captured in a CUDA graph (``noise=None``: counter noise)."""
     window = state.ring[:rows]
     # The slow token's penalty ids are the window's first column, all N+1 rows of it,
     # as in the reference (§5.5): in the ring, column 0 until it wraps, then the oldest.
@@ -125,7 +129,8 @@ def decode_step(model: DualARTransformer, state: SlotState, rows: int, noise: No
     first = torch.where(step >= PENALTY_WINDOW, step % PENALTY_WINDOW, 0)
     slow_history = window.gather(2, first[:, None, None].expand(-1, window.shape[1], 1))[:, :, 0]
     frames = decode_frame(model, state.last[:rows, :, None], state.pos[:rows, None], None,
-                          state.sampling(rows, noise), slow_history, window[:, 1:], sample_fn, block)
+                          state.sampling(rows, noise), slow_history, window[:, 1:], sample_fn, block,
+                          kv_len=kv_len)
     state.advance(rows, frames)
     return frames
 
@@ -240,10 +245,14 @@ class ModelRunner:
     advances every running sequence one frame per ``decode``.
 
     A step always runs the slots ``0..rows-1`` (``rows`` >= the highest occupied slot
-    + 1; free slots in that range run on dummy state), so no cache is gathered. Eager:
-    ``rows`` is exactly that and seeded rows draw from their generators. Compiled
-    (``compile``): one captured CUDA graph per bucket of ``rows`` on CUDA, counter
-    noise, and the host only replays a graph and reads the frames back.
+    + 1; free slots in that range run on dummy state), so no cache is gathered, and
+    attends to the caches' first ``kv_len`` positions, a bucket that covers the longest
+    running sequence: a step's attention reads what the sequences filled, not the whole
+    ``max_seq_len`` (at 64 rows of a 2048-position cache, reading it all took half of
+    an H100's decode step). Eager: ``rows`` is exactly that and seeded rows draw from
+    their generators. Compiled (``compile``): on CUDA one captured CUDA graph per
+    bucket of ``rows`` and of ``kv_len``, counter noise, and the host only replays a
+    graph and reads the frames back.
     """
 
     def __init__(self, model: DualARTransformer, im_end_id: int, max_batch_size: int, max_seq_len: int,
@@ -264,7 +273,8 @@ class ModelRunner:
         self.prefill_block: BlockFn = run_block
         self.compiled = False  # compile() ran: padded prefill, counter noise instead of generators
         self.buckets: list[int] = []
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.kv_lengths = buckets(max_seq_len, smallest=min(KV_SMALLEST, max_seq_len))
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.prefill_lengths: list[int] = []
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         model.setup_caches(max_batch_size, max_seq_len)
@@ -276,9 +286,9 @@ class ModelRunner:
     def compile(self, wrap: Callable[[Callable, bool | None], Callable]) -> None:
         """Compile (``wrap(fn, dynamic)``, e.g. torch.compile) the repeated regions, not
         the whole step: the transformer block every layer of both stacks runs, and the
-        sampler; static shapes for decode (one compile per bucket: dynamic-shape kernels
-        ran a 32-row step 3x slower per row than static 64-row ones), dynamic lengths
-        for the prefill's block.
+        sampler; static shapes for decode (one compile per bucket of rows: dynamic-shape
+        kernels ran a 32-row step 3x slower per row than static 64-row ones; only the
+        attention length is dynamic), dynamic lengths for the prefill's block.
         Inductor's time grows with the graph: a whole frame (68 block calls, 10 draws)
         took over 3 minutes per batch shape on an H100. Then, on CUDA, capture the whole
         step, compiled regions and the glue between them, as one CUDA graph per bucket,
@@ -297,8 +307,10 @@ class ModelRunner:
             return
         pool = torch.cuda.graph_pool_handle()
         for rows in reversed(self.buckets):  # the largest first: its memory is reused by the rest
-            self.graphs[rows] = capture_graph(lambda: decode_step(self.model, self.state, rows, None, self.sample_fn,
-                                                             self.decode_block), pool)
+            for kv_len in reversed(self.kv_lengths):
+                self.graphs[rows, kv_len] = capture_graph(
+                    lambda: decode_step(self.model, self.state, rows, None, self.sample_fn, self.decode_block, kv_len),
+                    pool)
         for length in reversed(self.prefill_lengths):
             self.prefill_graphs[length] = capture_graph(lambda: prefill_step(self.model, self.prefill_inputs, length,
                                                                         self.prefill_block), pool)
@@ -335,7 +347,8 @@ class ModelRunner:
                                            self.dtype, self.device)
             frame = decode_frame(self.model, seq.prompt[None, :, start:].to(self.device).long(),
                                  torch.arange(start, T, device=self.device)[None],
-                                 torch.tensor([seq.slot], device=self.device), sampling, None, None)[0]
+                                 torch.tensor([seq.slot], device=self.device), sampling, None, None,
+                                 kv_len=self._kv_len(T))[0]
         self._prefilled(seq, start, frame)
 
     @torch.inference_mode()
@@ -365,7 +378,8 @@ class ModelRunner:
                            noise=noise, greedy=greedy)
         frames = decode_frame(self.model, tokens.to(self.device), pos.to(self.device),
                               torch.tensor([s.slot for s in seqs], device=self.device), sampling, None, None,
-                              self.sample_fn, self.prefill_block, at=torch.tensor(lengths, device=self.device) - 1)
+                              self.sample_fn, self.prefill_block, at=torch.tensor(lengths, device=self.device) - 1,
+                              kv_len=self._kv_len(int(pos.max()) + 1))
         for s, start, frame in zip(seqs, starts, frames):
             self._prefilled(s, start, frame)
 
@@ -410,6 +424,10 @@ class ModelRunner:
             cache.v[seq.slot, :, :P] = v
         return P
 
+    def _kv_len(self, positions: int) -> int:
+        """The attention-length bucket that covers the first ``positions`` positions."""
+        return next(n for n in self.kv_lengths if n >= min(positions, self.max_seq_len))
+
     @torch.inference_mode()
     def decode(self, seqs: Sequence[SequenceState]) -> None:
         """One decode step for every sequence in ``seqs`` (every occupied slot runs; a
@@ -417,18 +435,20 @@ class ModelRunner:
         if self.fault_hook:
             self.fault_hook("decode")
         rows = max(self.occupied) + 1
+        # The step writes each sequence's position prompt + frames - 1 and attends up to it.
+        kv_len = self._kv_len(max(s.prompt.shape[1] + len(s.frames) for s in self.occupied.values()))
         if self.graphs:
             rows = next(b for b in self.buckets if b >= rows)
-            graph, frames = self.graphs[rows]
+            graph, frames = self.graphs[rows, kv_len]
             graph.replay()
         elif self.compiled:
-            frames = decode_step(self.model, self.state, rows, None, self.sample_fn, self.decode_block)
+            frames = decode_step(self.model, self.state, rows, None, self.sample_fn, self.decode_block, kv_len)
         else:
             generators = [None] * rows
             for slot, s in self.occupied.items():
                 generators[slot] = s.generator
             frames = decode_step(self.model, self.state, rows, generator_noise(generators), self.sample_fn,
-                                 self.decode_block)
+                                 self.decode_block, kv_len)
         frames = frames.cpu()
         for s in seqs:
             frame = frames[s.slot]

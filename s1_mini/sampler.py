@@ -137,6 +137,26 @@ def _(x: Tensor) -> Tensor:
     return torch.empty_like(x)
 
 
+# Longer rows are reduced to their argmax in chunks of this many entries: inductor gives
+# an argmax one program per row (it does not split the reduction), so the slow token's
+# draw over a 64 x 155,776 batch ran on 64 programs, 2.2 ms of a 8.3 ms decode step on
+# an H100.
+ARGMAX_CHUNK = 4096
+
+
+def argmax_last(x: Tensor) -> Tensor:
+    """``x.argmax(-1)`` of ``x [B, V]`` (the first index of the maximum), computed as
+    the maximum of each chunk of the row, then the first chunk that holds the row's."""
+    B, V = x.shape
+    if V <= ARGMAX_CHUNK:
+        return x.argmax(-1)
+    chunks = -(-V // ARGMAX_CHUNK)
+    padded = F.pad(x, (0, chunks * ARGMAX_CHUNK - V), value=float("-inf"))
+    best, where = padded.view(B, chunks, ARGMAX_CHUNK).max(-1)
+    chunk = best.argmax(-1)
+    return chunk * ARGMAX_CHUNK + where.gather(1, chunk[:, None])[:, 0]
+
+
 def apply_repetition_penalty(logits: Tensor, history: Tensor, penalty: Tensor) -> Tensor:
     """Penalize every id in ``history [B, H]`` once, from its original value:
     negative logits are multiplied by the penalty, others divided."""
@@ -162,6 +182,6 @@ def sample(logits: Tensor, history: Tensor | None, s: BatchSampling, draw: int |
     logits = logits.masked_fill(remove, float("-inf"))
     probs = F.softmax(logits / s.temperature, dim=-1)
     if s.noise is None:
-        return probs.argmax(dim=-1)
-    drawn = (probs / s.noise(probs, draw)).argmax(dim=-1)
-    return drawn if s.greedy is None else torch.where(s.greedy, probs.argmax(dim=-1), drawn)
+        return argmax_last(probs)
+    drawn = argmax_last(probs / s.noise(probs, draw))
+    return drawn if s.greedy is None else torch.where(s.greedy, argmax_last(probs), drawn)

@@ -1,13 +1,15 @@
-"""The compiled runner's counter noise and its batch-independence (CPU)."""
+"""The compiled runner's counter noise, its batch-independence, and the attention
+lengths a decode step reads (CPU)."""
 
 import numpy as np
 import pytest
 import torch
 
+from s1_mini.compilation import buckets
 from s1_mini.model import load_text2semantic
 from s1_mini.prompt import build_prompt
 from s1_mini.runner import ModelRunner, SequenceState
-from s1_mini.sampler import BatchSampling, SamplingParams, counter_noise, sample
+from s1_mini.sampler import ARGMAX_CHUNK, BatchSampling, SamplingParams, argmax_last, counter_noise, sample
 from s1_mini.testing.make_checkpoint import make_checkpoint
 
 
@@ -25,6 +27,26 @@ def test_counter_noise_is_a_function_of_seed_step_draw_and_id():
     assert torch.isfinite(a).all() and (a > 0).all()
     huge = counter_noise(torch.tensor([2**63 - 1]), torch.tensor([-1]))(probs[:1], 9)
     assert torch.isfinite(huge).all() and (huge > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_argmax_is_argmax(dtype):
+    """The first index of the maximum, as argmax: ties across and within chunks, a row
+    whose maximum is in the last (padded) chunk, rows not longer than one chunk."""
+    torch.manual_seed(0)
+    V = 3 * ARGMAX_CHUNK + 17
+    x = torch.rand(6, V).to(dtype)
+    x[1] = 0
+    x[1, [ARGMAX_CHUNK + 5, 2 * ARGMAX_CHUNK + 1]] = 1  # a tie between chunks: the first
+    x[2, [9, 10]] = 2  # a tie within a chunk
+    x[3, -1] = 3  # in the padded chunk
+    x[4] = float("-inf")
+    x[4, 3 * ARGMAX_CHUNK] = 0
+    x[5, :] = 1  # all equal: index 0
+    assert torch.equal(argmax_last(x), x.argmax(-1))
+    assert argmax_last(x).tolist()[:4] == [x[0].argmax().item(), ARGMAX_CHUNK + 5, 9, V - 1]
+    short = torch.rand(3, ARGMAX_CHUNK).to(dtype)
+    assert torch.equal(argmax_last(short), short.argmax(-1))
 
 
 def test_counter_noise_draws_follow_the_distribution():
@@ -110,3 +132,37 @@ def test_batched_prefill_gives_the_codes_of_one_prefill_each(tmp_path, compiled)
     together = _run(model, tok, runner, texts, seeds, batched=True)
     for a, b in zip(one_by_one, together):
         assert torch.equal(a, b)
+
+
+def test_decode_attends_to_a_bucket_that_covers_every_row(tmp_path):
+    """Steps read only the caches' first kv_len positions (a bucket covering the longest
+    row): the codes equal those of steps reading the whole cache, on the eager and the
+    compiled path, while the steps cross several buckets; one compile of the decode
+    block serves every length (the length is a dynamic dimension)."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", "tiny", seed=0, codec=False)
+    model, tok = load_text2semantic(ckpt)
+    texts = ["Short.", "Hi there, second."]  # 19 and 27 prompt positions, then 24 frames
+    compiles = []
+
+    def counting(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    for compiled in (False, True):
+        codes, counts = [], []
+        for kv_lengths in ([256], buckets(256, smallest=16)):  # the whole cache; 16, 32, 64, ...
+            used = []
+            runner = ModelRunner(model, tok.im_end_id, 2, 256)
+            runner.kv_lengths = kv_lengths
+            runner._kv_len = lambda n, pick=runner._kv_len: used.append(pick(n)) or used[-1]
+            if compiled:
+                runner.compile(lambda fn, dynamic: torch.compile(fn, backend=counting, dynamic=dynamic,
+                                                                 fullgraph=True))
+            torch._dynamo.reset()  # compiled code is kept per function: each runner compiles afresh
+            before = len(compiles)
+            codes.append(_run(model, tok, runner, texts, [None, 7]))
+            counts.append(len(compiles) - before)
+        for a, b in zip(*codes):
+            assert torch.equal(a, b)
+        assert {32, 64} <= set(used) and max(used) < 256  # the steps crossed 32 -> 64
+        assert counts[0] == counts[1]  # several lengths, no more compiles than one
