@@ -11,7 +11,7 @@ import time
 import torch
 from s1_mini.compilation import compile_or_eager
 from s1_mini.model import load_text2semantic
-from s1_mini.runner import ModelRunner, SequenceState, decode_step
+from s1_mini.runner import ModelRunner, SequenceState, decode_step, prefill_step
 from s1_mini.sampler import SamplingParams
 sys.path.insert(0, "bench")
 from t2s_decode import prompt_of  # noqa: E402
@@ -21,6 +21,20 @@ runner = ModelRunner(model, -1, max_batch, 2048)
 t = time.perf_counter()
 runner.compile(lambda fn, dynamic: compile_or_eager(fn, "inductor", None, fullgraph=True, dynamic=dynamic))
 print("compile+capture s", time.perf_counter() - t, flush=True)
+def profile_table(label, step, reps=3):
+    """The kernels of ``step`` (the same as its graph's), launched one by one under the profiler."""
+    from torch.profiler import profile, ProfilerActivity
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            with torch.inference_mode():
+                step()
+        torch.cuda.synchronize()
+    ka = prof.key_averages()
+    kernels = [e for e in ka if e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in kernels) / reps
+    n = sum(e.count for e in kernels) / reps
+    print(f"{label}: GPU kernels per call {n:.0f}, kernel time per call {total/1e3:.3f} ms")
+    print(ka.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=70))
 def prefill_ms(n, reps=6):
     p = prompt_of(tok, model, n); ts = []
     for i in range(reps):
@@ -30,6 +44,10 @@ def prefill_ms(n, reps=6):
     return [round(x * 1e3, 1) for x in ts]
 print("prefill 30 ms", prefill_ms(30), flush=True)
 print("prefill 600 ms", prefill_ms(600), flush=True)
+seq = SequenceState(prompt_of(tok, model, 30), 100, SamplingParams(), 0); runner.acquire(seq)
+runner.prefill_inputs.load(seq, 0)
+profile_table("prefill 30 (bucket 64)", lambda: prefill_step(model, runner.prefill_inputs, 64, runner.prefill_block))
+runner.release(seq)
 runner.warm_prefill_batch()
 def prefill_batch_ms(n, batched, reps=3):
     """n 30-token prompts arriving together: one batched prefill, or n one by one."""
@@ -62,17 +80,6 @@ for B in test_b:
     for _ in range(100): runner.decode(seqs)
     torch.cuda.synchronize(); dec = (time.perf_counter() - t) / 100
     print(f"B={B} kv_len {kv} replay {replay*1e3:.3f} ms ({B/replay:.0f} fps)  decode {dec*1e3:.3f} ms ({B/dec:.0f} fps)", flush=True)
-    if True:  # the same kernels as the graph, launched one by one under the profiler
-        from torch.profiler import profile, ProfilerActivity
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                with torch.inference_mode():
-                    decode_step(model, runner.state, B, None, runner.sample_fn, runner.decode_block, kv)
-            torch.cuda.synchronize()
-        ka = prof.key_averages()
-        total = sum(e.device_time_total for e in ka) / 3
-        n = sum(e.count for e in ka) / 3
-        print(f"B={B} kernels per step {n:.0f}, kernel time per step {total/1e3:.3f} ms")
-        print(ka.table(sort_by="device_time_total", row_limit=12, max_name_column_width=70))
-        print(ka.table(sort_by="count", row_limit=40, max_name_column_width=90))
+    profile_table(f"B={B} step", lambda: decode_step(model, runner.state, B, None, runner.sample_fn,
+                                                     runner.decode_block, kv))
     for s in seqs: runner.release(s)

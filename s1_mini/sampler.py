@@ -137,24 +137,39 @@ def _(x: Tensor) -> Tensor:
     return torch.empty_like(x)
 
 
-# Longer rows are reduced to their argmax in chunks of this many entries: inductor gives
-# an argmax one program per row (it does not split the reduction), so the slow token's
-# draw over a 64 x 155,776 batch ran on 64 programs, 2.2 ms of a 8.3 ms decode step on
-# an H100.
-ARGMAX_CHUNK = 4096
+# Rows longer than this are reduced (softmax, argmax) in chunks of this many entries:
+# inductor gives a softmax or an argmax one program per row (it does not split such a
+# reduction), so the slow token's draw over a 64 x 155,776 batch ran on 64 programs,
+# 2.2 ms of a 8.3 ms decode step on an H100.
+CHUNK = 4096
+
+
+def _chunked(x: Tensor, fill: float) -> Tensor:
+    """``x [B, V]`` as ``[B, ceil(V / CHUNK), CHUNK]``, the end padded with ``fill``."""
+    B, V = x.shape
+    chunks = -(-V // CHUNK)
+    return F.pad(x, (0, chunks * CHUNK - V), value=fill).view(B, chunks, CHUNK)
 
 
 def argmax_last(x: Tensor) -> Tensor:
     """``x.argmax(-1)`` of ``x [B, V]`` (the first index of the maximum), computed as
     the maximum of each chunk of the row, then the first chunk that holds the row's."""
-    B, V = x.shape
-    if V <= ARGMAX_CHUNK:
+    if x.shape[1] <= CHUNK:
         return x.argmax(-1)
-    chunks = -(-V // ARGMAX_CHUNK)
-    padded = F.pad(x, (0, chunks * ARGMAX_CHUNK - V), value=float("-inf"))
-    best, where = padded.view(B, chunks, ARGMAX_CHUNK).max(-1)
+    best, where = _chunked(x, float("-inf")).max(-1)
     chunk = best.argmax(-1)
-    return chunk * ARGMAX_CHUNK + where.gather(1, chunk[:, None])[:, 0]
+    return chunk * CHUNK + where.gather(1, chunk[:, None])[:, 0]
+
+
+def softmax_last(x: Tensor) -> Tensor:
+    """``F.softmax(x, -1)`` of ``x [B, V]`` in its dtype, computed in float32 (as
+    softmax does for half precision) with the row's maximum and sum taken in chunks."""
+    if x.shape[1] <= CHUNK:
+        return F.softmax(x, dim=-1)
+    x32 = x.float()
+    top = _chunked(x32, float("-inf")).amax(-1).amax(-1, keepdim=True)
+    e = torch.exp(x32 - top)
+    return (e / _chunked(e, 0.0).sum(-1).sum(-1, keepdim=True)).to(x.dtype)
 
 
 def apply_repetition_penalty(logits: Tensor, history: Tensor, penalty: Tensor) -> Tensor:
@@ -175,12 +190,12 @@ def sample(logits: Tensor, history: Tensor | None, s: BatchSampling, draw: int |
     if history is not None:
         logits = apply_repetition_penalty(logits, history.long(), s.repetition_penalty)
     sorted_logits, order = torch.sort(logits, descending=True)
-    cumulative = cumsum_last_dim(F.softmax(sorted_logits, dim=-1))
+    cumulative = cumsum_last_dim(softmax_last(sorted_logits))
     remove = cumulative > s.top_p
     remove[:, 0] = False
     remove = remove.scatter(1, order, remove)
     logits = logits.masked_fill(remove, float("-inf"))
-    probs = F.softmax(logits / s.temperature, dim=-1)
+    probs = softmax_last(logits / s.temperature)
     if s.noise is None:
         return argmax_last(probs)
     drawn = argmax_last(probs / s.noise(probs, draw))

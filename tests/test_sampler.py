@@ -1,5 +1,5 @@
-"""The compiled runner's counter noise, its batch-independence, and the attention
-lengths a decode step reads (CPU)."""
+"""The sampler's chunked reductions; the compiled runner's counter noise, its
+batch-independence, and the attention lengths a decode step reads (CPU)."""
 
 import numpy as np
 import pytest
@@ -9,7 +9,8 @@ from s1_mini.compilation import buckets
 from s1_mini.model import load_text2semantic
 from s1_mini.prompt import build_prompt
 from s1_mini.runner import ModelRunner, SequenceState
-from s1_mini.sampler import ARGMAX_CHUNK, BatchSampling, SamplingParams, argmax_last, counter_noise, sample
+from s1_mini.sampler import (CHUNK, BatchSampling, SamplingParams, argmax_last, counter_noise, sample,
+                              softmax_last)
 from s1_mini.testing.make_checkpoint import make_checkpoint
 
 
@@ -34,19 +35,34 @@ def test_chunked_argmax_is_argmax(dtype):
     """The first index of the maximum, as argmax: ties across and within chunks, a row
     whose maximum is in the last (padded) chunk, rows not longer than one chunk."""
     torch.manual_seed(0)
-    V = 3 * ARGMAX_CHUNK + 17
+    V = 3 * CHUNK + 17
     x = torch.rand(6, V).to(dtype)
     x[1] = 0
-    x[1, [ARGMAX_CHUNK + 5, 2 * ARGMAX_CHUNK + 1]] = 1  # a tie between chunks: the first
+    x[1, [CHUNK + 5, 2 * CHUNK + 1]] = 1  # a tie between chunks: the first
     x[2, [9, 10]] = 2  # a tie within a chunk
     x[3, -1] = 3  # in the padded chunk
     x[4] = float("-inf")
-    x[4, 3 * ARGMAX_CHUNK] = 0
+    x[4, 3 * CHUNK] = 0
     x[5, :] = 1  # all equal: index 0
     assert torch.equal(argmax_last(x), x.argmax(-1))
-    assert argmax_last(x).tolist()[:4] == [x[0].argmax().item(), ARGMAX_CHUNK + 5, 9, V - 1]
-    short = torch.rand(3, ARGMAX_CHUNK).to(dtype)
+    assert argmax_last(x).tolist()[:4] == [x[0].argmax().item(), CHUNK + 5, 9, V - 1]
+    short = torch.rand(3, CHUNK).to(dtype)
     assert torch.equal(argmax_last(short), short.argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_softmax_is_softmax(dtype):
+    """Equal to F.softmax up to float32 summation order (bf16: within one rounding),
+    with -inf entries, a padded last chunk, and its argmax ties as softmax's."""
+    torch.manual_seed(0)
+    x = (torch.randn(5, 3 * CHUNK + 17) * 4).to(dtype)
+    x[1, ::3] = float("-inf")
+    x[2] = 0
+    ours, torch_softmax = softmax_last(x), torch.softmax(x, -1)
+    assert ours.dtype == dtype and torch.isfinite(ours).all()
+    tolerance = dict(rtol=1e-5, atol=1e-9) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-9)
+    torch.testing.assert_close(ours.float(), torch_softmax.float(), **tolerance)
+    assert torch.equal(argmax_last(ours), torch_softmax.argmax(-1))
 
 
 def test_counter_noise_draws_follow_the_distribution():
