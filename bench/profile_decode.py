@@ -47,7 +47,8 @@ print("prefill 600 ms", prefill_ms(600), flush=True)
 seq = SequenceState(prompt_of(tok, model, 30), 100, SamplingParams(), 0); runner.acquire(seq)
 with torch.inference_mode():
     runner.prefill_inputs.load(seq, 0)
-profile_table("prefill 30 (bucket 64)", lambda: prefill_step(model, runner.prefill_inputs, 64, runner.prefill_block))
+profile_table("prefill 30 (bucket 64)", lambda: prefill_step(model, runner.prefill_inputs, 64, runner.sample_fn,
+                                                                    runner.prefill_block))
 runner.release(seq)
 runner.warm_prefill_batch()
 def prefill_batch_ms(n, batched, reps=3):

@@ -169,7 +169,8 @@ class PrefillInputs:
         self.temperature.fill_(t), self.top_p.fill_(p), self.penalty.fill_(r)
 
 
-def prefill_step(model: DualARTransformer, inputs: PrefillInputs, length: int, block: BlockFn = run_block) -> Tensor:
+def prefill_step(model: DualARTransformer, inputs: PrefillInputs, length: int, sample_fn: SampleFn = sample,
+                 block: BlockFn = run_block) -> Tensor:
     """The first frame ``[N+1]`` of the prompt in ``inputs``, run padded to ``length``
     positions, with counter noise. Pure tensor work: captured per length bucket.
     Padding past the cache's end all lands on its last position (never read before a
@@ -179,7 +180,7 @@ def prefill_step(model: DualARTransformer, inputs: PrefillInputs, length: int, b
     end = model.slow_caches[0].k.shape[2] - 1
     pos = (inputs.offset + torch.arange(length, device=inputs.tokens.device)).clamp(max=end)[None]
     return decode_frame(model, inputs.tokens[:, :, :length], pos, inputs.slot, sampling, None, None,
-                        block=block, at=inputs.last)[0]
+                        sample_fn, block, at=inputs.last)[0]
 
 
 class PrefixCache:
@@ -312,8 +313,8 @@ class ModelRunner:
                     lambda: decode_step(self.model, self.state, rows, None, self.sample_fn, self.decode_block, kv_len),
                     pool)
         for length in reversed(self.prefill_lengths):
-            self.prefill_graphs[length] = capture_graph(lambda: prefill_step(self.model, self.prefill_inputs, length,
-                                                                        self.prefill_block), pool)
+            self.prefill_graphs[length] = capture_graph(
+                lambda: prefill_step(self.model, self.prefill_inputs, length, self.sample_fn, self.prefill_block), pool)
         torch.cuda.synchronize()
 
     def acquire(self, seq: SequenceState) -> None:
@@ -341,7 +342,7 @@ class ModelRunner:
                 graph, frame = self.prefill_graphs[length]
                 graph.replay()
             else:
-                frame = prefill_step(self.model, self.prefill_inputs, length, self.prefill_block)
+                frame = prefill_step(self.model, self.prefill_inputs, length, self.sample_fn, self.prefill_block)
         else:
             sampling = BatchSampling.build([seq.params], None if seq.seed is None else [seq.generator],
                                            self.dtype, self.device)
