@@ -47,10 +47,11 @@ print("prefill 600 ms", prefill_ms(600), flush=True)
 seq = SequenceState(prompt_of(tok, model, 30), 100, SamplingParams(), 0); runner.acquire(seq)
 with torch.inference_mode():
     runner.prefill_inputs.load(seq, 0)
-profile_table("prefill 30 (bucket 64)", lambda: prefill_step(model, runner.prefill_inputs, 64, runner.sample_fn,
+profile_table("prefill 30 (bucket 64)", lambda: prefill_step(model, runner.prefill_inputs, 64, 256, runner.sample_fn,
                                                                     runner.prefill_block))
 runner.release(seq)
-runner.warm_prefill_batch()
+if max_batch > 1:
+    runner.warm_prefill_batch()
 def prefill_batch_ms(n, batched, reps=3):
     """n 30-token prompts arriving together: one batched prefill, or n one by one."""
     ts = []
@@ -65,8 +66,7 @@ def prefill_batch_ms(n, batched, reps=3):
         torch.cuda.synchronize(); ts.append(time.perf_counter() - t)
         for s in seqs: runner.release(s)
     return [round(x * 1e3, 1) for x in ts]
-for n in (4, 8, 16):
-    n = min(n, max_batch)
+for n in [n for n in (4, 8, 16) if n <= max_batch]:
     print(f"prefill {n} prompts ms: batched {prefill_batch_ms(n, True)}, one by one {prefill_batch_ms(n, False)}", flush=True)
 p = prompt_of(tok, model, 30)
 for B in test_b:

@@ -169,18 +169,19 @@ class PrefillInputs:
         self.temperature.fill_(t), self.top_p.fill_(p), self.penalty.fill_(r)
 
 
-def prefill_step(model: DualARTransformer, inputs: PrefillInputs, length: int, sample_fn: SampleFn = sample,
-                 block: BlockFn = run_block) -> Tensor:
+def prefill_step(model: DualARTransformer, inputs: PrefillInputs, length: int, kv_len: int | None = None,
+                 sample_fn: SampleFn = sample, block: BlockFn = run_block) -> Tensor:
     """The first frame ``[N+1]`` of the prompt in ``inputs``, run padded to ``length``
-    positions, with counter noise. Pure tensor work: captured per length bucket.
-    Padding past the cache's end all lands on its last position (never read before a
-    decode step rewrites it)."""
+    positions and attending to the first ``kv_len`` cache positions (which must cover
+    the whole prompt), with counter noise. Pure tensor work: captured per bucket of
+    length and of ``kv_len``. Padding past the cache's end all lands on its last
+    position (never read before a decode step rewrites it)."""
     sampling = BatchSampling(inputs.temperature, inputs.top_p, inputs.penalty,
                              counter_noise(inputs.seed, inputs.step), inputs.greedy)
     end = model.slow_caches[0].k.shape[2] - 1
     pos = (inputs.offset + torch.arange(length, device=inputs.tokens.device)).clamp(max=end)[None]
     return decode_frame(model, inputs.tokens[:, :, :length], pos, inputs.slot, sampling, None, None,
-                        sample_fn, block, at=inputs.last)[0]
+                        sample_fn, block, at=inputs.last, kv_len=kv_len)[0]
 
 
 class PrefixCache:
@@ -277,7 +278,7 @@ class ModelRunner:
         self.kv_lengths = buckets(max_seq_len, smallest=min(KV_SMALLEST, max_seq_len))
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.prefill_lengths: list[int] = []
-        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         model.setup_caches(max_batch_size, max_seq_len)
         with torch.inference_mode():  # like every tensor a step makes: one kind of input for compiled code
             self.state = SlotState(max_batch_size, model.config.num_codebooks + 1, max_seq_len - 1,
@@ -313,8 +314,10 @@ class ModelRunner:
                     lambda: decode_step(self.model, self.state, rows, None, self.sample_fn, self.decode_block, kv_len),
                     pool)
         for length in reversed(self.prefill_lengths):
-            self.prefill_graphs[length] = capture_graph(
-                lambda: prefill_step(self.model, self.prefill_inputs, length, self.sample_fn, self.prefill_block), pool)
+            for kv_len in [n for n in reversed(self.kv_lengths) if n >= length]:  # those a prompt can need
+                self.prefill_graphs[length, kv_len] = capture_graph(
+                    lambda: prefill_step(self.model, self.prefill_inputs, length, kv_len, self.sample_fn,
+                                         self.prefill_block), pool)
         torch.cuda.synchronize()
 
     def acquire(self, seq: SequenceState) -> None:
@@ -338,11 +341,13 @@ class ModelRunner:
         if self.compiled:
             self.prefill_inputs.load(seq, start)
             length = next(n for n in self.prefill_lengths if n >= T - start)
+            kv_len = self._kv_len(T)  # >= length: both are the smallest buckets above T - start <= T
             if self.prefill_graphs:
-                graph, frame = self.prefill_graphs[length]
+                graph, frame = self.prefill_graphs[length, kv_len]
                 graph.replay()
             else:
-                frame = prefill_step(self.model, self.prefill_inputs, length, self.sample_fn, self.prefill_block)
+                frame = prefill_step(self.model, self.prefill_inputs, length, kv_len, self.sample_fn,
+                                     self.prefill_block)
         else:
             sampling = BatchSampling.build([seq.params], None if seq.seed is None else [seq.generator],
                                            self.dtype, self.device)
