@@ -17,7 +17,7 @@ sys.path.insert(0, "bench")
 from t2s_decode import prompt_of  # noqa: E402
 checkpoint, max_batch, test_b = sys.argv[1], int(sys.argv[2]), [int(b) for b in sys.argv[3].split(",")]
 model, tok = load_text2semantic(checkpoint, "cuda", torch.bfloat16)
-runner = ModelRunner(model, -1, max_batch, 2048)
+runner = ModelRunner(model, -1, max_batch, 2048, prefill_batch_size=16)
 t = time.perf_counter()
 runner.compile(lambda fn, dynamic: compile_or_eager(fn, "inductor", None, fullgraph=True, dynamic=dynamic))
 print("compile+capture s", time.perf_counter() - t, flush=True)
@@ -46,12 +46,10 @@ print("prefill 30 ms", prefill_ms(30), flush=True)
 print("prefill 600 ms", prefill_ms(600), flush=True)
 seq = SequenceState(prompt_of(tok, model, 30), 100, SamplingParams(), 0); runner.acquire(seq)
 with torch.inference_mode():
-    runner.prefill_inputs.load(seq, 0)
-profile_table("prefill 30 (bucket 64)", lambda: prefill_step(model, runner.prefill_inputs, 64, 256, runner.sample_fn,
+    runner.prefill_inputs.load([seq], [0], 1)
+profile_table("prefill 30 (bucket 64)", lambda: prefill_step(model, runner.prefill_inputs, 1, 64, 256, runner.sample_fn,
                                                                     runner.prefill_block))
 runner.release(seq)
-if max_batch > 1:
-    runner.warm_prefill_batch()
 def prefill_batch_ms(n, batched, reps=3):
     """n 30-token prompts arriving together: one batched prefill, or n one by one."""
     ts = []

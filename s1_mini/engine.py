@@ -134,7 +134,7 @@ class ProductionTTSEngine:
         c = self.config
         max_seq_len = min(c.max_seq_len or mm.model.config.max_seq_len, mm.model.config.max_seq_len)
         self._runner = ModelRunner(mm.model, mm.tokenizer.im_end_id, self._batch_slots(max_seq_len), max_seq_len,
-                                   prefix_cache_size=c.prefix_cache_size)
+                                   prefix_cache_size=c.prefix_cache_size, prefill_batch_size=c.prefill_batch_size)
         # Up to one codec stream per sequence slot: every active request holds one.
         streams = CodecStreams(mm.codec, self._runner.max_batch_size, c.stream_chunk_frames)
         if mm.compile_backend not in (None, "eager"):
@@ -144,8 +144,6 @@ class ProductionTTSEngine:
             self._runner.compile(lambda fn, dynamic: compile_or_eager(
                 fn, mm.compile_backend, mode, fullgraph=True, dynamic=dynamic))
             streams.compile(lambda fn: compile_or_eager(fn, mm.compile_backend, mode, fullgraph=True, dynamic=True))
-        if c.prefill_batch_size > 1 and self._runner.max_batch_size > 1:
-            self._runner.warm_prefill_batch()
         self.voices = VoiceRegistry(c.voice_registry_dir, self._encode_reference,
                                     max_cached=c.reference_cache_size, max_voices=c.voice_registry_size,
                                     max_reference_seconds=c.max_reference_seconds)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -27,6 +27,9 @@ SampleFn = Callable[[Tensor, Tensor | None, BatchSampling, "int | Tensor"], Tens
 PENALTY_WINDOW = 16
 # The shortest attention length a step runs: below it, a step's cost hardly depends on it.
 KV_SMALLEST = 256
+# Prompts up to this long are prefilled in batches by captured graphs; longer ones one by
+# one (graphs for every batch size of every length would multiply start-up and memory).
+BATCHED_PREFILL_LENGTH = 512
 
 
 def decode_frame(model: DualARTransformer, tokens: Tensor, pos: Tensor, slots: Tensor | None,
@@ -136,52 +139,57 @@ def decode_step(model: DualARTransformer, state: SlotState, rows: int, noise: No
 
 
 class PrefillInputs:
-    """The static inputs of a captured prefill: the prompt padded at its end to the
-    length of a bucket, the index of its last real position, its slot, seed and
-    sampling parameters. Padding is harmless: causal attention keeps the real positions
-    from seeing it, and the decode steps overwrite its cache entries before reading them."""
+    """The static inputs of a captured prefill of up to ``rows`` prompts: each padded at
+    its end to the length of a bucket, the index of its last real position, its first
+    position (> 0 after a cached prefix), slot, seed and sampling parameters. Padding is
+    harmless: causal attention keeps the real positions from seeing it, and the decode
+    steps overwrite its cache entries before reading them. Rows past the batch repeat its
+    last prompt (same slot, same tokens): they write the same cache entries with the same
+    values, and their frames are dropped."""
 
-    def __init__(self, width: int, length: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, rows: int, width: int, length: int, dtype: torch.dtype, device: torch.device) -> None:
         def zeros(*shape: int, dtype: torch.dtype = torch.long) -> Tensor:
             return torch.zeros(shape, dtype=dtype, device=device)
 
-        self.tokens = zeros(1, width, length)
-        self.offset = zeros(1)  # the first position: > 0 after a cached prefix
-        self.last = zeros(1)
-        self.slot = zeros(1)
-        self.seed = zeros(1)
-        self.step = torch.full((1,), -1, device=device)  # counter noise: the prefill's draws
-        self.greedy = zeros(1, dtype=torch.bool)
-        self.temperature = zeros(1, 1, dtype=dtype)
-        self.top_p = zeros(1, 1, dtype=dtype)
-        self.penalty = zeros(1, 1, dtype=dtype)
+        self.tokens = zeros(rows, width, length)
+        self.offset = zeros(rows)
+        self.last = zeros(rows)
+        self.slot = zeros(rows)
+        self.seed = zeros(rows)
+        self.step = torch.full((rows,), -1, device=device)  # counter noise: the prefill's draws
+        self.greedy = zeros(rows, dtype=torch.bool)
+        self.params = zeros(rows, 3, dtype=dtype)  # temperature, top_p, repetition penalty
 
-    def load(self, seq: "SequenceState", start: int) -> None:
-        """The prompt from position ``start`` (the columns before it are in the cache)."""
-        T = seq.prompt.shape[1] - start
-        self.tokens[0, :, :T] = seq.prompt[:, start:]
-        self.offset.fill_(start)
-        self.last.fill_(T - 1)
-        self.slot.fill_(seq.slot)
-        self.seed.fill_((seq.seed or 0) % 2**63)
-        self.greedy.fill_(seq.seed is None)
-        t, p, r = seq.params.effective()
-        self.temperature.fill_(t), self.top_p.fill_(p), self.penalty.fill_(r)
+    def load(self, seqs: Sequence["SequenceState"], starts: Sequence[int], rows: int) -> None:
+        """The prompts of ``seqs`` from positions ``starts`` (the columns before a start
+        are in the cache) into the first ``rows`` rows."""
+        picked = [*zip(seqs, starts)] + [(seqs[-1], starts[-1])] * (rows - len(seqs))
+        lengths = [s.prompt.shape[1] - start for s, start in picked]
+        tokens = torch.zeros(rows, self.tokens.shape[1], max(lengths), dtype=torch.long)
+        for row, ((s, start), n) in enumerate(zip(picked, lengths)):
+            tokens[row, :, :n] = s.prompt[:, start:]
+        self.tokens[:rows, :, : tokens.shape[2]] = tokens
+        self.offset[:rows] = torch.tensor([start for _, start in picked])
+        self.last[:rows] = torch.tensor(lengths) - 1
+        self.slot[:rows] = torch.tensor([s.slot for s, _ in picked])
+        self.seed[:rows] = torch.tensor([(s.seed or 0) % 2**63 for s, _ in picked])
+        self.greedy[:rows] = torch.tensor([s.seed is None for s, _ in picked])
+        self.params[:rows] = torch.tensor([s.params.effective() for s, _ in picked])
 
 
-def prefill_step(model: DualARTransformer, inputs: PrefillInputs, length: int, kv_len: int | None = None,
-                 sample_fn: SampleFn = sample, block: BlockFn = run_block) -> Tensor:
-    """The first frame ``[N+1]`` of the prompt in ``inputs``, run padded to ``length``
-    positions and attending to the first ``kv_len`` cache positions (which must cover
-    the whole prompt), with counter noise. Pure tensor work: captured per bucket of
-    length and of ``kv_len``. Padding past the cache's end all lands on its last
-    position (never read before a decode step rewrites it)."""
-    sampling = BatchSampling(inputs.temperature, inputs.top_p, inputs.penalty,
-                             counter_noise(inputs.seed, inputs.step), inputs.greedy)
+def prefill_step(model: DualARTransformer, inputs: PrefillInputs, rows: int, length: int,
+                 kv_len: int | None = None, sample_fn: SampleFn = sample, block: BlockFn = run_block) -> Tensor:
+    """The first frames ``[rows, N+1]`` of the prompts in ``inputs``' first ``rows``
+    rows, run padded to ``length`` positions and attending to the first ``kv_len``
+    cache positions (which must cover every prompt), with counter noise. Pure tensor
+    work: captured per bucket of rows, length and ``kv_len``. Padding past the cache's
+    end all lands on its last position (never read before a decode step rewrites it)."""
+    t, p, r = inputs.params[:rows, :, None].unbind(1)
+    sampling = BatchSampling(t, p, r, counter_noise(inputs.seed[:rows], inputs.step[:rows]), inputs.greedy[:rows])
     end = model.slow_caches[0].k.shape[2] - 1
-    pos = (inputs.offset + torch.arange(length, device=inputs.tokens.device)).clamp(max=end)[None]
-    return decode_frame(model, inputs.tokens[:, :, :length], pos, inputs.slot, sampling, None, None,
-                        sample_fn, block, at=inputs.last, kv_len=kv_len)[0]
+    pos = (inputs.offset[:rows, None] + torch.arange(length, device=inputs.tokens.device)).clamp(max=end)
+    return decode_frame(model, inputs.tokens[:rows, :, :length], pos, inputs.slot[:rows], sampling, None, None,
+                        sample_fn, block, at=inputs.last[:rows], kv_len=kv_len)
 
 
 class PrefixCache:
@@ -254,11 +262,13 @@ class ModelRunner:
     an H100's decode step). Eager: ``rows`` is exactly that and seeded rows draw from
     their generators. Compiled (``compile``): on CUDA one captured CUDA graph per
     bucket of ``rows`` and of ``kv_len``, counter noise, and the host only replays a
-    graph and reads the frames back.
+    graph and reads the frames back. Prompts admitted together are prefilled up to
+    ``prefill_batch_size`` at a time, compiled as one graph per bucket of rows, prompt
+    length and ``kv_len``.
     """
 
     def __init__(self, model: DualARTransformer, im_end_id: int, max_batch_size: int, max_seq_len: int,
-                 prefix_cache_size: int = 16) -> None:
+                 prefix_cache_size: int = 16, prefill_batch_size: int = 1) -> None:
         self.model = model
         self.im_end_id = im_end_id
         self.max_batch_size = max_batch_size
@@ -277,8 +287,9 @@ class ModelRunner:
         self.buckets: list[int] = []
         self.kv_lengths = buckets(max_seq_len, smallest=min(KV_SMALLEST, max_seq_len))
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.prefill_rows = buckets(min(prefill_batch_size, max_batch_size))
         self.prefill_lengths: list[int] = []
-        self.prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.prefill_graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         model.setup_caches(max_batch_size, max_seq_len)
         with torch.inference_mode():  # like every tensor a step makes: one kind of input for compiled code
             self.state = SlotState(max_batch_size, model.config.num_codebooks + 1, max_seq_len - 1,
@@ -304,7 +315,8 @@ class ModelRunner:
         self.compiled = True
         self.buckets = buckets(self.max_batch_size)
         self.prefill_lengths = buckets(self.max_seq_len, smallest=64)
-        self.prefill_inputs = PrefillInputs(self.state.last.shape[1], self.max_seq_len, self.dtype, self.device)
+        self.prefill_inputs = PrefillInputs(self.prefill_rows[-1], self.state.last.shape[1], self.max_seq_len,
+                                            self.dtype, self.device)
         if self.device.type != "cuda":
             return
         pool = torch.cuda.graph_pool_handle()
@@ -313,11 +325,14 @@ class ModelRunner:
                 self.graphs[rows, kv_len] = capture_graph(
                     lambda: decode_step(self.model, self.state, rows, None, self.sample_fn, self.decode_block, kv_len),
                     pool)
-        for length in reversed(self.prefill_lengths):
-            for kv_len in [n for n in reversed(self.kv_lengths) if n >= length]:  # those a prompt can need
-                self.prefill_graphs[length, kv_len] = capture_graph(
-                    lambda: prefill_step(self.model, self.prefill_inputs, length, kv_len, self.sample_fn,
-                                         self.prefill_block), pool)
+        for rows in reversed(self.prefill_rows):
+            for length in reversed(self.prefill_lengths):
+                if rows > 1 and length > BATCHED_PREFILL_LENGTH:
+                    continue
+                for kv_len in [n for n in reversed(self.kv_lengths) if n >= length]:  # those a prompt can need
+                    self.prefill_graphs[rows, length, kv_len] = capture_graph(
+                        lambda: prefill_step(self.model, self.prefill_inputs, rows, length, kv_len, self.sample_fn,
+                                             self.prefill_block), pool)
         torch.cuda.synchronize()
 
     def acquire(self, seq: SequenceState) -> None:
@@ -331,42 +346,48 @@ class ModelRunner:
             del self.occupied[seq.slot]
             seq.slot = -1
 
-    @torch.inference_mode()
     def prefill(self, seq: SequenceState) -> None:
         """Run the prompt through the model in the sequence's slot; adds the first frame."""
-        if self.fault_hook:
-            self.fault_hook("prefill")
-        T = seq.prompt.shape[1]
-        start = self._restore_prefix(seq)
-        if self.compiled:
-            self.prefill_inputs.load(seq, start)
-            length = next(n for n in self.prefill_lengths if n >= T - start)
-            kv_len = self._kv_len(T)  # >= length: both are the smallest buckets above T - start <= T
-            if self.prefill_graphs:
-                graph, frame = self.prefill_graphs[length, kv_len]
-                graph.replay()
-            else:
-                frame = prefill_step(self.model, self.prefill_inputs, length, kv_len, self.sample_fn,
-                                     self.prefill_block)
-        else:
-            sampling = BatchSampling.build([seq.params], None if seq.seed is None else [seq.generator],
-                                           self.dtype, self.device)
-            frame = decode_frame(self.model, seq.prompt[None, :, start:].to(self.device).long(),
-                                 torch.arange(start, T, device=self.device)[None],
-                                 torch.tensor([seq.slot], device=self.device), sampling, None, None,
-                                 kv_len=self._kv_len(T))[0]
-        self._prefilled(seq, start, frame)
+        self.prefill_batch([seq])
 
     @torch.inference_mode()
     def prefill_batch(self, seqs: Sequence[SequenceState]) -> None:
-        """Prefill several sequences, each in its slot, as one batch of prompts padded at
-        their ends: the first frames one ``prefill`` each would give (the same draws), in
-        one pass. Compiled, it runs the compiled block with dynamic shapes, not a graph."""
-        if len(seqs) == 1:
-            return self.prefill(seqs[0])
+        """Prefill sequences, each in its slot, as one batch of prompts padded at their
+        ends (each from the end of its cached prefix, if any); adds each one's first
+        frame, the frame it gets prefilled alone (the same draws)."""
         if self.fault_hook:
             self.fault_hook("prefill")
         starts = [self._restore_prefix(s) for s in seqs]
+        frames = (self._prefill_compiled if self.compiled else self._prefill_eager)(seqs, starts)
+        for s, start, frame in zip(seqs, starts, frames):
+            self._prefilled(s, start, frame)
+
+    def _prefill_compiled(self, seqs: Sequence[SequenceState], starts: Sequence[int]) -> Tensor:
+        """The first frames ``[len(seqs), N+1]`` from the static prefill inputs, replayed
+        as the graph of the batch's buckets, with counter noise; a batch with no graph
+        (prompts too long for batched graphs) one sequence at a time."""
+        most = self.prefill_rows[-1]
+        if len(seqs) > most:
+            return torch.cat([self._prefill_compiled(seqs[i : i + most], starts[i : i + most])
+                              for i in range(0, len(seqs), most)])
+        rows = next(b for b in self.prefill_rows if b >= len(seqs))
+        length = next(n for n in self.prefill_lengths if n >= max(s.prompt.shape[1] - st for s, st in zip(seqs, starts)))
+        # >= length: both are the smallest buckets above the longest T - start <= T
+        kv_len = self._kv_len(max(s.prompt.shape[1] for s in seqs))
+        graph = self.prefill_graphs.get((rows, length, kv_len))
+        if self.prefill_graphs and graph is None:
+            return torch.cat([self._prefill_compiled([s], [st]) for s, st in zip(seqs, starts)])
+        self.prefill_inputs.load(seqs, starts, rows)
+        if graph is None:
+            frames = prefill_step(self.model, self.prefill_inputs, rows, length, kv_len, self.sample_fn,
+                                  self.prefill_block)
+        else:
+            graph[0].replay()
+            frames = graph[1]
+        return frames[: len(seqs)].clone()  # the graph's output is overwritten by its next replay
+
+    def _prefill_eager(self, seqs: Sequence[SequenceState], starts: Sequence[int]) -> Tensor:
+        """The first frames ``[len(seqs), N+1]``, seeded rows drawn from their generators."""
         lengths = [s.prompt.shape[1] - start for s, start in zip(seqs, starts)]
         tokens = torch.zeros(len(seqs), seqs[0].prompt.shape[0], max(lengths), dtype=torch.long)
         for row, (s, start, n) in enumerate(zip(seqs, starts, lengths)):
@@ -374,33 +395,12 @@ class ModelRunner:
         # Padding past the cache's end lands on its last position, as in prefill_step.
         end = self.model.slow_caches[0].k.shape[2] - 1
         pos = (torch.tensor(starts)[:, None] + torch.arange(tokens.shape[2])).clamp(max=end)
-        greedy = torch.tensor([s.seed is None for s in seqs], device=self.device)
-        if self.compiled:
-            seeds = torch.tensor([(s.seed or 0) % 2**63 for s in seqs], device=self.device)
-            noise = counter_noise(seeds, torch.full_like(seeds, -1))
-        else:
-            noise = generator_noise([None if s.seed is None else s.generator for s in seqs])
-        sampling = replace(BatchSampling.build([s.params for s in seqs], None, self.dtype, self.device),
-                           noise=noise, greedy=greedy)
-        frames = decode_frame(self.model, tokens.to(self.device), pos.to(self.device),
-                              torch.tensor([s.slot for s in seqs], device=self.device), sampling, None, None,
-                              self.sample_fn, self.prefill_block, at=torch.tensor(lengths, device=self.device) - 1,
-                              kv_len=self._kv_len(int(pos.max()) + 1))
-        for s, start, frame in zip(seqs, starts, frames):
-            self._prefilled(s, start, frame)
-
-    def warm_prefill_batch(self) -> None:
-        """Run one batched prefill of two dummy prompts now: compiled, its dynamic-shape
-        kernels are built at start-up, not when the first burst of requests arrives."""
-        width = self.state.last.shape[1]
-        seqs = [SequenceState(torch.zeros(width, 8, dtype=torch.int32), 2, SamplingParams(), seed) for seed in (0, 1)]
-        for s in seqs:
-            self.acquire(s)
-        try:
-            self.prefill_batch(seqs)
-        finally:
-            for s in seqs:
-                self.release(s)
+        sampling = BatchSampling.build([s.params for s in seqs], [s.generator for s in seqs], self.dtype, self.device)
+        sampling.greedy = torch.tensor([s.seed is None for s in seqs], device=self.device)
+        return decode_frame(self.model, tokens.to(self.device), pos.to(self.device),
+                            torch.tensor([s.slot for s in seqs], device=self.device), sampling, None, None,
+                            self.sample_fn, self.prefill_block, at=torch.tensor(lengths, device=self.device) - 1,
+                            kv_len=self._kv_len(max(s.prompt.shape[1] for s in seqs)))
 
     def _prefilled(self, seq: SequenceState, start: int, frame: Tensor) -> None:
         """Record a prefill's first frame; keep the voice prefix it computed, if any."""

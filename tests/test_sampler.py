@@ -136,18 +136,22 @@ def test_a_seed_gives_the_same_codes_alone_and_in_a_batch_of_32(tmp_path):
 def test_batched_prefill_gives_the_codes_of_one_prefill_each(tmp_path, compiled):
     """Prompts of different lengths, greedy and seeded rows, prefilled as one padded batch:
     the same codes as prefilling them one by one (the eager path draws from each
-    request's generator, the compiled path from counter noise)."""
+    request's generator, the compiled path from counter noise), also with a batch of
+    three in four rows (the compiled path's last row repeats the third prompt) and with
+    more prompts than a batch holds."""
     ckpt = make_checkpoint(tmp_path / "ckpt", "tiny", seed=0, codec=False)
     model, tok = load_text2semantic(ckpt)
-    texts = ["Short.", "A second, much longer sentence for the padded batch of prompts.", "Third one!", "Four."]
-    seeds = [None, 21, 22, None]
-    runner = ModelRunner(model, tok.im_end_id, 4, 256)
+    texts = ["Short.", "A second, much longer sentence for the padded batch of prompts.", "Third one!", "Four.",
+             "Five, and more than a batch of four."]
+    seeds = [None, 21, 22, None, 23]
+    runner = ModelRunner(model, tok.im_end_id, 5, 256, prefill_batch_size=4)
     if compiled:
         runner.compile(lambda fn, dynamic: fn)  # the compiled path's padding and noise, not compiled
     one_by_one = _run(model, tok, runner, texts, seeds)
-    together = _run(model, tok, runner, texts, seeds, batched=True)
-    for a, b in zip(one_by_one, together):
-        assert torch.equal(a, b)
+    for n in (3, 4, 5):
+        together = _run(model, tok, runner, texts[:n], seeds[:n], batched=True)
+        for a, b in zip(one_by_one, together):
+            assert torch.equal(a, b)
 
 
 def test_decode_attends_to_a_bucket_that_covers_every_row(tmp_path):
