@@ -59,8 +59,8 @@ class EngineConfig:
     max_queue_size: int = 256  # waiting requests beyond the batch; more are refused at once
     stream_chunk_frames: int = 4  # most frames per streamed chunk (the first is 1; others may be shorter)
     # Requests admitted together are prefilled this many at a time in one padded batch
-    # (compiled on CUDA: the compiled block with dynamic shapes instead of one captured
-    # graph each); 1 = one at a time.
+    # (compiled on CUDA: captured graphs for every batch size up to it, for prompts up to
+    # 512 positions; longer ones one at a time); 1 = one at a time.
     prefill_batch_size: int = 1
     warmup: bool = True
     # generation defaults
