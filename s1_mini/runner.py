@@ -395,7 +395,8 @@ class ModelRunner:
         # Padding past the cache's end lands on its last position, as in prefill_step.
         end = self.model.slow_caches[0].k.shape[2] - 1
         pos = (torch.tensor(starts)[:, None] + torch.arange(tokens.shape[2])).clamp(max=end)
-        sampling = BatchSampling.build([s.params for s in seqs], [s.generator for s in seqs], self.dtype, self.device)
+        generators = [None if s.seed is None else s.generator for s in seqs]
+        sampling = BatchSampling.build([s.params for s in seqs], generators, self.dtype, self.device)
         sampling.greedy = torch.tensor([s.seed is None for s in seqs], device=self.device)
         return decode_frame(self.model, tokens.to(self.device), pos.to(self.device),
                             torch.tensor([s.slot for s in seqs], device=self.device), sampling, None, None,
