@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -317,23 +318,26 @@ class ModelRunner:
         self.prefill_lengths = buckets(self.max_seq_len, smallest=64)
         self.prefill_inputs = PrefillInputs(self.prefill_rows[-1], self.state.last.shape[1], self.max_seq_len,
                                             self.dtype, self.device)
-        if self.device.type != "cuda":
-            return
-        pool = torch.cuda.graph_pool_handle()
+        if self.device.type == "cuda":
+            self.capture_graphs(capture_graph, torch.cuda.graph_pool_handle())
+            torch.cuda.synchronize()
+
+    def capture_graphs(self, capture: Callable[[Callable[[], Tensor], tuple], tuple], pool: tuple) -> None:
+        """Capture (``capture(step, pool)``, which runs the step) every decode and prefill
+        step the runner replays: decode per bucket of rows and ``kv_len``, prefill per
+        bucket of rows, prompt length and ``kv_len``."""
         for rows in reversed(self.buckets):  # the largest first: its memory is reused by the rest
             for kv_len in reversed(self.kv_lengths):
-                self.graphs[rows, kv_len] = capture_graph(
-                    lambda: decode_step(self.model, self.state, rows, None, self.sample_fn, self.decode_block, kv_len),
-                    pool)
+                self.graphs[rows, kv_len] = capture(partial(
+                    decode_step, self.model, self.state, rows, None, self.sample_fn, self.decode_block, kv_len), pool)
         for rows in reversed(self.prefill_rows):
             for length in reversed(self.prefill_lengths):
                 if rows > 1 and length > BATCHED_PREFILL_LENGTH:
                     continue
                 for kv_len in [n for n in reversed(self.kv_lengths) if n >= length]:  # those a prompt can need
-                    self.prefill_graphs[rows, length, kv_len] = capture_graph(
-                        lambda: prefill_step(self.model, self.prefill_inputs, rows, length, kv_len, self.sample_fn,
-                                             self.prefill_block), pool)
-        torch.cuda.synchronize()
+                    self.prefill_graphs[rows, length, kv_len] = capture(partial(
+                        prefill_step, self.model, self.prefill_inputs, rows, length, kv_len, self.sample_fn,
+                        self.prefill_block), pool)
 
     def acquire(self, seq: SequenceState) -> None:
         self.free_slots.sort()
@@ -372,11 +376,11 @@ class ModelRunner:
                               for i in range(0, len(seqs), most)])
         rows = next(b for b in self.prefill_rows if b >= len(seqs))
         length = next(n for n in self.prefill_lengths if n >= max(s.prompt.shape[1] - st for s, st in zip(seqs, starts)))
-        # >= length: both are the smallest buckets above the longest T - start <= T
-        kv_len = self._kv_len(max(s.prompt.shape[1] for s in seqs))
-        graph = self.prefill_graphs.get((rows, length, kv_len))
-        if self.prefill_graphs and graph is None:
+        kv_len = self._kv_len(max(length, *(s.prompt.shape[1] for s in seqs)))  # captured for every kv_len >= length
+        key = (rows, length, kv_len)
+        if self.prefill_graphs and key not in self.prefill_graphs and len(seqs) > 1:
             return torch.cat([self._prefill_compiled([s], [st]) for s, st in zip(seqs, starts)])
+        graph = self.prefill_graphs[key] if self.prefill_graphs else None
         self.prefill_inputs.load(seqs, starts, rows)
         if graph is None:
             frames = prefill_step(self.model, self.prefill_inputs, rows, length, kv_len, self.sample_fn,
@@ -456,7 +460,7 @@ class ModelRunner:
                 generators[slot] = s.generator
             frames = decode_step(self.model, self.state, rows, generator_noise(generators), self.sample_fn,
                                  self.decode_block, kv_len)
-        frames = frames.cpu()
+        frames = frames.to("cpu", copy=True)  # a graph rewrites its output at its next replay
         for s in seqs:
             frame = frames[s.slot]
             s.frames.append(frame)

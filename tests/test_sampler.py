@@ -8,6 +8,7 @@ import torch
 from s1_mini.compilation import buckets
 from s1_mini.model import load_text2semantic
 from s1_mini.prompt import build_prompt
+import s1_mini.runner as runner_module
 from s1_mini.runner import ModelRunner, SequenceState
 from s1_mini.sampler import (CHUNK, BatchSampling, SamplingParams, argmax_last, counter_noise, sample,
                               softmax_last)
@@ -186,3 +187,52 @@ def test_decode_attends_to_a_bucket_that_covers_every_row(tmp_path):
             assert torch.equal(a, b)
         assert {32, 64} <= set(used) and max(used) < 256  # the steps crossed 32 -> 64
         assert counts[0] == counts[1]  # several lengths, no more compiles than one
+
+
+class _ReplayedStep:
+    """A captured CUDA graph's stand-in on the CPU: ``replay()`` runs the step again into
+    the output tensor of its capture, as a graph rewrites its static output."""
+
+    def __init__(self, step) -> None:
+        self.step = step
+        with torch.inference_mode():  # as the runner's steps run
+            self.out = step()
+
+    def replay(self) -> None:
+        with torch.inference_mode():
+            self.out.copy_(self.step())
+
+
+def _capture_on_cpu(step, pool):
+    graph = _ReplayedStep(step)
+    return graph, graph.out
+
+
+def test_replayed_graphs_give_the_codes_of_the_steps(tmp_path, monkeypatch):
+    """The graph dispatch of a compiled runner on CUDA, with stand-in graphs on the CPU:
+    every decode and prefill the runner picks was captured (buckets of rows, prompt length
+    and attention length), a graph's output is taken before its next replay rewrites it,
+    and a batch with a prompt too long for batched graphs is prefilled one by one; the
+    codes equal those of the same compiled path run without graphs."""
+    monkeypatch.setattr(runner_module, "BATCHED_PREFILL_LENGTH", 64)
+    ckpt = make_checkpoint(tmp_path / "ckpt", "tiny", seed=0, codec=False)
+    model, tok = load_text2semantic(ckpt)
+    texts = ["Short.", "A second, much longer sentence for the padded batch of prompts.", "Third one!"]
+    seeds = [None, 21, 22]
+    results = []
+    for graphs in (False, True):
+        runner = ModelRunner(model, tok.im_end_id, 4, 256, prefill_batch_size=4)
+        runner.kv_lengths = buckets(256, smallest=16)
+        runner.compile(lambda fn, dynamic: fn)  # the compiled path, not compiled
+        if graphs:
+            runner.capture_graphs(_capture_on_cpu, None)
+            assert (4, 64, 16) not in runner.prefill_graphs and (4, 64, 64) in runner.prefill_graphs
+            assert (4, 128, 128) not in runner.prefill_graphs and (1, 128, 128) in runner.prefill_graphs
+        results.append([_run(model, tok, runner, texts, seeds),
+                        _run(model, tok, runner, texts, seeds, batched=True),  # 66 positions: one by one
+                        _run(model, tok, runner, texts[::2], seeds[::2], batched=True)])  # a graph of 2 rows
+    without, replayed = results
+    for a, b in zip(without, replayed):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    assert all(torch.equal(x, y) for x, y in zip(without[0][::2], without[2]))
