@@ -71,8 +71,8 @@ VOICE_RATE = 22050  # the reference is resampled to 44.1 kHz by the server; half
 VOICE_NOTES = {
     "registered": "voice registered once via POST /v1/references and named by reference_id in each request",
     "inline": ("the SageMaker front has no voice registry: the voice is sent inline in every request "
-               "(references[0]: base64 WAV + transcript), so each request also uploads and hashes it and the "
-               "prefix cache of registered voices does not apply"),
+               "(references[0]: base64 WAV + transcript), so each request also uploads, decodes and hashes it "
+               "(its codes and, since session 4, its prompt part's K/V come from the engine's caches)"),
 }
 
 

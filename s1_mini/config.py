@@ -71,7 +71,7 @@ class EngineConfig:
     voice_registry_dir: str | None = None  # None: voices live in memory only
     voice_registry_size: int = 10_000
     reference_cache_size: int = 256  # inline reference audio encoded once per content hash
-    prefix_cache_size: int = 16  # registered voices whose prompt K/V stays on the device; 0 = off
+    prefix_cache_size: int = 16  # voices (registered or inline) whose prompt K/V stays on the device; 0 = off
     # Longest reference audio (registered or inline), checked from the file's header before
     # decoding: the codec encoder's memory grows with the square of the length.
     max_reference_seconds: float = 30.0

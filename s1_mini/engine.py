@@ -35,7 +35,7 @@ from s1_mini.scheduler import ErrorCode, Request, Result, Scheduler, Timings, TT
 from s1_mini.text import split_text
 from s1_mini.tokenizer import Tokenizer
 from s1_mini.utils import get_vram_info
-from s1_mini.voices import InvalidReferenceAudio, Voice, VoiceError, VoiceNotFound, VoiceRegistry
+from s1_mini.voices import InvalidReferenceAudio, Voice, VoiceError, VoiceNotFound, VoiceRegistry, content_hash
 
 log = logging.getLogger(__name__)
 
@@ -248,10 +248,11 @@ class ProductionTTSEngine:
             prompts = [build_prompt(mm.tokenizer, piece, references, model.config.num_codebooks,
                                     model.config.codebook_size) for piece in pieces]
             prefix = None
-            if reference_id is not None:  # a registered voice: its prompt part can come from the prefix cache
-                voice = self.voices.get(reference_id)
-                prefix = ((voice.id, voice.content_hash, voice.text),
-                          prompts[0].shape[1] - target_length(mm.tokenizer, pieces[0]))
+            if references:  # the voice's prompt part (the same in every piece) can come from the prefix cache
+                columns = prompts[0].shape[1] - target_length(mm.tokenizer, pieces[0])
+                # keyed by its content, so a registered voice and the same voice sent inline share
+                # an entry, and a voice registered again with other audio never meets its old one
+                prefix = (content_hash(prompts[0][:, :columns].numpy()), columns)
             limit = self._runner.max_seq_len
             n = min(resolve_max_new_tokens(p.shape[1], n, limit) for p in prompts)
         except VoiceNotFound as exc:

@@ -194,11 +194,12 @@ def prefill_step(model: DualARTransformer, inputs: PrefillInputs, rows: int, len
 
 
 class PrefixCache:
-    """The slow stack's K/V of a registered voice's prompt part (``<|interleave|>`` and
-    its reference turns), saved from the first request that prefills it and copied into
-    the slot of every later one, which then prefills only its own text. At most
-    ``capacity`` entries, least recently used out first. Keys name the voice's content
-    (id, audio hash, transcript), so a voice registered again never meets its old entry."""
+    """The slow stack's K/V of a voice's prompt part (``<|interleave|>`` and its
+    reference turns, registered or sent inline), saved from the first request that
+    prefills it and copied into the slot of every later one, which then prefills only
+    its own text. At most ``capacity`` entries, least recently used out first. Keys are
+    the prompt part's content hash, so a voice registered again with other audio never
+    meets its old entry."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity

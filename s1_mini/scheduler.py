@@ -80,7 +80,7 @@ class Request:
     generator: torch.Generator
     deadline: float  # time.monotonic()
     on_chunk: Callable[[np.ndarray], None] | None = None  # streaming: called from the scheduler thread
-    prefix: tuple[Hashable, int] | None = None  # a registered voice's prompt part: (key, columns), every piece
+    prefix: tuple[Hashable, int] | None = None  # a voice's prompt part: (key, columns), every piece
     future: Future = field(default_factory=Future)
     submitted_at: float = field(default_factory=time.monotonic)
     timings: Timings = field(default_factory=Timings)

@@ -451,6 +451,25 @@ def test_voice_prefix_cache_gives_the_same_codes(checkpoint, compiled):
         assert e.health_check()["prefix_cache_misses"] == 2
 
 
+def test_inline_references_share_the_prefix_cache(checkpoint):
+    """The prefix cache is keyed by the voice's prompt part: the same audio and transcript
+    sent inline again hits it, and so does a registered voice with that content (same
+    codes as the inline requests); other audio misses."""
+    with ProductionTTSEngine(_config(checkpoint)) as e:
+        inline = dict(reference_audio=_sine_wav(), reference_text="The inline voice speaking.")
+        first = e.generate("First request.", seed=3, **inline)
+        again = e.generate("First request.", seed=3, **inline)
+        assert first.success and again.success
+        np.testing.assert_array_equal(first.codes, again.codes)
+        assert (e.health_check()["prefix_cache_misses"], e.health_check()["prefix_cache_hits"]) == (1, 1)
+        e.register_voice("same", _sine_wav(), "The inline voice speaking.")
+        registered = e.generate("First request.", seed=3, reference_id="same")
+        np.testing.assert_array_equal(first.codes, registered.codes)
+        assert e.generate("First request.", seed=3, reference_audio=_sine_wav(0.07),
+                          reference_text="The inline voice speaking.").success
+        assert (e.health_check()["prefix_cache_misses"], e.health_check()["prefix_cache_hits"]) == (2, 2)
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-path"])
 def test_requests_admitted_together_are_prefilled_in_batches(checkpoint, compiled):
     """prefill_batch_size 4: five requests admitted in one iteration (two of them with a
