@@ -139,6 +139,16 @@ def decode_step(model: DualARTransformer, state: SlotState, rows: int, noise: No
     return frames
 
 
+def padded_prompts(seqs: Sequence["SequenceState"], starts: Sequence[int]) -> tuple[Tensor, list[int]]:
+    """The prompts of ``seqs`` from columns ``starts`` (the columns before a start are in
+    the cache), padded at their ends: int64 ``[len(seqs), N+1, longest]``, and their lengths."""
+    lengths = [s.prompt.shape[1] - start for s, start in zip(seqs, starts)]
+    tokens = torch.zeros(len(seqs), seqs[0].prompt.shape[0], max(lengths), dtype=torch.long)
+    for row, (s, start, n) in enumerate(zip(seqs, starts, lengths)):
+        tokens[row, :, :n] = s.prompt[:, start:]
+    return tokens, lengths
+
+
 class PrefillInputs:
     """The static inputs of a captured prefill of up to ``rows`` prompts: each padded at
     its end to the length of a bucket, the index of its last real position, its first
@@ -165,10 +175,7 @@ class PrefillInputs:
         """The prompts of ``seqs`` from positions ``starts`` (the columns before a start
         are in the cache) into the first ``rows`` rows."""
         picked = [*zip(seqs, starts)] + [(seqs[-1], starts[-1])] * (rows - len(seqs))
-        lengths = [s.prompt.shape[1] - start for s, start in picked]
-        tokens = torch.zeros(rows, self.tokens.shape[1], max(lengths), dtype=torch.long)
-        for row, ((s, start), n) in enumerate(zip(picked, lengths)):
-            tokens[row, :, :n] = s.prompt[:, start:]
+        tokens, lengths = padded_prompts([s for s, _ in picked], [start for _, start in picked])
         self.tokens[:rows, :, : tokens.shape[2]] = tokens
         self.offset[:rows] = torch.tensor([start for _, start in picked])
         self.last[:rows] = torch.tensor(lengths) - 1
@@ -393,10 +400,7 @@ class ModelRunner:
 
     def _prefill_eager(self, seqs: Sequence[SequenceState], starts: Sequence[int]) -> Tensor:
         """The first frames ``[len(seqs), N+1]``, seeded rows drawn from their generators."""
-        lengths = [s.prompt.shape[1] - start for s, start in zip(seqs, starts)]
-        tokens = torch.zeros(len(seqs), seqs[0].prompt.shape[0], max(lengths), dtype=torch.long)
-        for row, (s, start, n) in enumerate(zip(seqs, starts, lengths)):
-            tokens[row, :, :n] = s.prompt[:, start:]
+        tokens, lengths = padded_prompts(seqs, starts)
         # Padding past the cache's end lands on its last position, as in prefill_step.
         end = self.model.slow_caches[0].k.shape[2] - 1
         pos = (torch.tensor(starts)[:, None] + torch.arange(tokens.shape[2])).clamp(max=end)
