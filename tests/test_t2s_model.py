@@ -219,6 +219,28 @@ def test_low_precision_runs_close_to_fp32(tiny, dtype):
     assert codes.shape[0] == 4 and codes.dtype == torch.int32 and codes.shape[1] <= 19
 
 
+def test_compiled_one_row_projections_equal_the_linear_layers(tiny):
+    """Traced by torch.compile, a block's projections of a one-row input are a multiply and
+    a float32 sum (``model.project``), of more rows the linear layers: both give the
+    eager block's output (float32 rounding)."""
+    from s1_mini.model import KVCache, run_block
+
+    model, _ = load_text2semantic(tiny)
+    layer = model.layers[0]
+    s = model.slow_shape
+    compiled = torch.compile(run_block, backend="eager", fullgraph=True, dynamic=False)
+    for rows, T in ((1, 1), (2, 1), (1, 3)):
+        torch.manual_seed(rows * 10 + T)
+        x = torch.randn(rows, T, model.config.dim)
+        pos = torch.arange(T)[None].expand(rows, T) + 4
+        mask = (torch.arange(16)[None, None, :] <= pos[:, :, None])[:, None]
+        outs = []
+        for run in (run_block, compiled):
+            cache = KVCache(rows, s.n_kv_head, 16, s.head_dim, torch.float32, "cpu")
+            outs.append(run(layer, x, model.freqs_cis[pos], cache, None, pos, mask))
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
 def test_generation_stops_at_im_end_and_drops_last_frame(tiny):
     model, tok = load_text2semantic(tiny)
     prompt = build_prompt(tok, "Stop.", [], 4, 64)
