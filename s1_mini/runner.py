@@ -10,7 +10,7 @@ prompt part can come from the prefix cache.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -286,6 +286,9 @@ class ModelRunner:
         self.dtype = model.embeddings.weight.dtype
         self.free_slots = list(range(max_batch_size))
         self.occupied: dict[int, SequenceState] = {}
+        # Decode steps launched whose frames are not read yet: (sequences and their slots
+        # at launch, frames on the host, the event after which they are there).
+        self._in_flight: deque[tuple[list[tuple[SequenceState, int]], Tensor, torch.cuda.Event | None]] = deque()
         self.prefix_cache = PrefixCache(prefix_cache_size)
         # Test hook: called at the start of every prefill and decode step (fault injection).
         self.fault_hook: Callable[[str], None] | None = None
@@ -445,14 +448,31 @@ class ModelRunner:
         return next(n for n in self.kv_lengths if n >= min(positions, self.max_seq_len))
 
     @torch.inference_mode()
-    def decode(self, seqs: Sequence[SequenceState]) -> None:
+    def decode(self, seqs: Sequence[SequenceState], lag: int = 0) -> None:
         """One decode step for every sequence in ``seqs`` (every occupied slot runs; a
-        finished sequence still holding its slot gets a frame it ignores)."""
+        finished sequence still holding its slot gets a frame it ignores).
+
+        ``lag`` steps may stay in flight: the frames appended are those of the step
+        launched ``lag`` calls ago, so the host reads one step while the device runs the
+        next (no idle device between steps). A sequence that turns out to have finished
+        got ``lag`` more frames, which are dropped, not appended. Only for steps that
+        draw no generator (compiled): an eager step's draws must stop at the end."""
         if self.fault_hook:
             self.fault_hook("decode")
+        try:
+            self._launch_decode(seqs)
+            while len(self._in_flight) > lag:
+                self._collect_decode(*self._in_flight.popleft())
+        except BaseException:
+            self._in_flight.clear()  # a failed step's frames are not read
+            raise
+
+    def _launch_decode(self, seqs: Sequence[SequenceState]) -> None:
         rows = max(self.occupied) + 1
-        # The step writes each sequence's position prompt + frames - 1 and attends up to it.
-        kv_len = self._kv_len(max(s.prompt.shape[1] + len(s.frames) for s in self.occupied.values()))
+        # The step writes each sequence's position prompt + frames - 1 (one more per step
+        # in flight) and attends up to it.
+        ahead = len(self._in_flight)
+        kv_len = self._kv_len(max(s.prompt.shape[1] + len(s.frames) + ahead for s in self.occupied.values()))
         if self.graphs:
             rows = next(b for b in self.buckets if b >= rows)
             graph, frames = self.graphs[rows, kv_len]
@@ -465,8 +485,22 @@ class ModelRunner:
                 generators[slot] = s.generator
             frames = decode_step(self.model, self.state, rows, generator_noise(generators), self.sample_fn,
                                  self.decode_block, kv_len)
-        frames = frames.to("cpu", copy=True)  # a graph rewrites its output at its next replay
-        for s in seqs:
-            frame = frames[s.slot]
+        # Copied off now: a graph rewrites its output at its next replay.
+        if frames.is_cuda:
+            frames = frames.to("cpu", non_blocking=True)  # into pinned memory, read once `done`
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            frames, done = frames.to("cpu", copy=True), None
+        self._in_flight.append(([(s, s.slot) for s in seqs], frames, done))
+
+    def _collect_decode(self, seqs: list[tuple[SequenceState, int]], frames: Tensor,
+                        done: torch.cuda.Event | None) -> None:
+        if done is not None:
+            done.synchronize()
+        for s, slot in seqs:
+            if s.finished or s.slot != slot:  # ended meanwhile: frames past its end are dropped
+                continue
+            frame = frames[slot]
             s.frames.append(frame)
             s.finished = int(frame[0]) == self.im_end_id or len(s.frames) >= s.max_new_tokens

@@ -207,7 +207,11 @@ class Scheduler:
         self._advance()
 
     def _decode(self, running: list[Request]) -> None:
-        elapsed = self._model_step(running, "generation", lambda: self.runner.decode([r.seq for r in running]))
+        # A compiled runner (counter noise, no generator) keeps one step in flight: the
+        # frames read here are the previous step's, while the device runs this one.
+        lag = 1 if self.runner.compiled else 0
+        elapsed = self._model_step(running, "generation",
+                                   lambda: self.runner.decode([r.seq for r in running], lag=lag))
         if elapsed is None:
             return
         self.steps += 1

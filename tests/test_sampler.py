@@ -133,6 +133,49 @@ def test_a_seed_gives_the_same_codes_alone_and_in_a_batch_of_32(tmp_path):
         assert torch.equal(batch[7], alone)
 
 
+def test_decode_with_a_step_in_flight_gives_the_codes_of_steps_read_at_once(tmp_path):
+    """``decode(lag=1)``, as the scheduler runs a compiled runner: frames read one step
+    late equal those read at once; a sequence that ends gets no frame past its end (its
+    extra step's frame is dropped), its slot goes to a waiting sequence while that step
+    is in flight, and attention covers the position the step in flight writes (the
+    steps cross attention buckets)."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", "tiny", seed=0, codec=False)
+    model, tok = load_text2semantic(ckpt)
+    texts = ["Short.", "Hi there, second.", "A third one, admitted later.", "Fourth!"]
+    limits = [8, 13, 9, 16]  # frames per sequence, so they end at different steps
+    results = []
+    for lag in (0, 1):
+        runner = ModelRunner(model, tok.im_end_id, 2, 256)
+        runner.kv_lengths = buckets(256, smallest=16)
+        runner.compile(lambda fn, dynamic: fn)  # the compiled path (counter noise), not compiled
+        uncovered = []  # decode steps whose attention length misses a position they write
+
+        def block(layer, x, rope, cache, slots, pos, mask, run=runner.decode_block):
+            written = int(pos[sorted(runner.occupied)].max())
+            if written >= mask.shape[-1]:
+                uncovered.append((written, mask.shape[-1]))
+            return run(layer, x, rope, cache, slots, pos, mask)
+
+        runner.decode_block = block
+        seqs = [SequenceState(build_prompt(tok, t, [], model.config.num_codebooks, model.config.codebook_size),
+                              n, SamplingParams(), 30 + i) for i, (t, n) in enumerate(zip(texts, limits))]
+        waiting, active = list(seqs), []
+        while waiting or active:
+            while waiting and runner.free_slots:
+                active.append(waiting.pop(0))
+                runner.acquire(active[-1])
+                runner.prefill(active[-1])
+            runner.decode(active, lag=lag)
+            for s in [s for s in active if s.finished]:
+                runner.release(s)
+                active.remove(s)
+        results.append([s.codes() for s in seqs])
+        assert [len(s.frames) for s in seqs] == limits
+        assert not uncovered
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-path"])
 def test_batched_prefill_gives_the_codes_of_one_prefill_each(tmp_path, compiled):
     """Prompts of different lengths, greedy and seeded rows, prefilled as one padded batch:
