@@ -79,7 +79,7 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=200)
     p.add_argument("--voice-seconds", type=float, default=20.0, help="registered voice's audio (20 s: ~470-token prompt)")
     p.add_argument("--prefix-cache-size", type=int, default=16, help="EngineConfig.prefix_cache_size (0: off)")
-    p.add_argument("--prefill-batch-size", type=int, default=1, help="EngineConfig.prefill_batch_size")
+    p.add_argument("--prefill-batch-size", type=int, default=16, help="EngineConfig.prefill_batch_size")
     p.add_argument("--json", required=True)
     args = p.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]

@@ -60,8 +60,9 @@ class EngineConfig:
     stream_chunk_frames: int = 4  # most frames per streamed chunk (the first is 1; others may be shorter)
     # Requests admitted together are prefilled this many at a time in one padded batch
     # (compiled on CUDA: captured graphs for every batch size up to it, for prompts up to
-    # 512 positions; longer ones one at a time); 1 = one at a time.
-    prefill_batch_size: int = 1
+    # 512 positions; longer ones one at a time); 1 = one at a time. On an H200, 16 prompts
+    # took 11 ms as one batch against 87 ms one by one (BENCHMARKS.md).
+    prefill_batch_size: int = 16
     warmup: bool = True
     # generation defaults
     default_temperature: float = 0.7
