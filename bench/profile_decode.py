@@ -48,7 +48,7 @@ seq = SequenceState(prompt_of(tok, model, 30), 100, SamplingParams(), 0); runner
 with torch.inference_mode():
     runner.prefill_inputs.load([seq], [0], 1)
 profile_table("prefill 30 (bucket 64)", lambda: prefill_step(model, runner.prefill_inputs, 1, 64, 256, runner.sample_fn,
-                                                                    runner.prefill_block))
+                                                                    runner.prefill_block, runner.head))
 runner.release(seq)
 def prefill_batch_ms(n, batched, reps=3):
     """n 30-token prompts arriving together: one batched prefill, or n one by one."""
@@ -81,5 +81,5 @@ for B in test_b:
     torch.cuda.synchronize(); dec = (time.perf_counter() - t) / 100
     print(f"B={B} kv_len {kv} replay {replay*1e3:.3f} ms ({B/replay:.0f} fps)  decode {dec*1e3:.3f} ms ({B/dec:.0f} fps)", flush=True)
     profile_table(f"B={B} step", lambda: decode_step(model, runner.state, B, None, runner.sample_fn,
-                                                     runner.decode_block, kv))
+                                                     runner.decode_block, kv, runner.head))
     for s in seqs: runner.release(s)

@@ -187,8 +187,8 @@ class HeadNorm(nn.Module):
 # --------------------------------------------------------------------------- layers
 
 
-def project(x: Tensor, layer: nn.Linear) -> Tensor:
-    """``layer(x)``. Compiled, a one-row input (a single stream's decode step) is
+def project(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``. Compiled, a one-row input (a single stream's decode step) is
     projected as a broadcast multiply and a sum over the input dim in float32 (as a
     GEMM accumulates): inductor then emits its own reduction kernels, which read the
     weight once and take neighbouring pointwise work with them (11 kernels a block
@@ -196,9 +196,9 @@ def project(x: Tensor, layer: nn.Linear) -> Tensor:
     bandwidth: a block took 48 us against 35 (bench/block_variants.py). Eager, and for
     several rows, it stays a GEMM."""
     if x.numel() != x.shape[-1] or not torch.compiler.is_compiling():
-        return layer(x)
-    y = (x.float()[..., None, :] * layer.weight.float()).sum(-1).to(x.dtype)
-    return y if layer.bias is None else y + layer.bias
+        return F.linear(x, weight, bias)
+    y = (x.float()[..., None, :] * weight.float()).sum(-1).to(x.dtype)
+    return y if bias is None else y + bias
 
 
 
@@ -244,7 +244,7 @@ class Attention(nn.Module):
         cache's first ``L`` positions under ``mask [B, 1, T, L]`` (True = visible)."""
         s = self.s
         B, T, _ = x.shape
-        q, k, v = project(x, self.wqkv).split(
+        q, k, v = project(x, self.wqkv.weight, self.wqkv.bias).split(
             [s.n_head * s.head_dim, s.n_kv_head * s.head_dim, s.n_kv_head * s.head_dim], dim=-1)
         q = q.view(B, T, s.n_head, s.head_dim)
         k = k.view(B, T, s.n_kv_head, s.head_dim)
@@ -256,7 +256,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys, values, attn_mask=mask,
             enable_gqa=s.n_kv_head != s.n_head)
-        return project(out.transpose(1, 2).reshape(B, T, s.n_head * s.head_dim), self.wo)
+        return project(out.transpose(1, 2).reshape(B, T, s.n_head * s.head_dim), self.wo.weight, self.wo.bias)
 
 
 class FeedForward(nn.Module):
@@ -267,7 +267,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(s.intermediate_size, s.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return project(F.silu(project(x, self.w1)) * project(x, self.w3), self.w2)
+        return project(F.silu(project(x, self.w1.weight)) * project(x, self.w3.weight), self.w2.weight)
 
 
 class Block(nn.Module):
@@ -290,6 +290,15 @@ def run_block(layer: Block, x: Tensor, rope: Tensor, cache: "KVCache", slots: Te
 
 
 BlockFn = Callable[[Block, Tensor, Tensor, "KVCache", "Tensor | None", Tensor, Tensor], Tensor]
+
+
+def run_head(norm: RMSNorm, x: Tensor, weight: Tensor) -> Tensor:
+    """Logits of ``x``: the final norm, then the output projection (compiled by the
+    runner, like ``run_block``, for the fast stack's nine heads a frame)."""
+    return project(norm(x), weight)
+
+
+HeadFn = Callable[[RMSNorm, Tensor, Tensor], Tensor]
 
 
 class KVCache:
@@ -367,6 +376,7 @@ class DualARTransformer(nn.Module):
                              torch.arange(c.num_codebooks) * c.codebook_size, persistent=False)
         self.slow_caches: list[KVCache] = []
         self.fast_caches: list[KVCache] = []
+        self.fast_steps: list[tuple[Tensor, Tensor, Tensor]] = []
 
     # -- caches ----------------------------------------------------------------
 
@@ -384,8 +394,16 @@ class DualARTransformer(nn.Module):
         s, f = self.slow_shape, self.fast_shape
         self.slow_caches = [KVCache(max_batch_size, s.n_kv_head, length, s.head_dim, w.dtype, w.device)
                             for _ in self.layers]
-        self.fast_caches = [KVCache(max_batch_size, f.n_kv_head, self.config.num_codebooks,
-                                    f.head_dim, w.dtype, w.device) for _ in self.fast_layers]
+        n = self.config.num_codebooks
+        self.fast_caches = [KVCache(max_batch_size, f.n_kv_head, n, f.head_dim, w.dtype, w.device)
+                            for _ in self.fast_layers]
+        # Per fast position: its index [1, 1], causal mask [1, 1, 1, N] and RoPE row
+        # [1, 1, d/2, 2], made once (each its own tensor, so every view a step takes is
+        # aligned): a step expands them instead of building them (4 kernels a position).
+        self.fast_steps = [(torch.full((1, 1), k, device=w.device),
+                            (torch.arange(n, device=w.device) <= k).view(1, 1, 1, n),
+                            self.fast_freqs_cis[k].view(1, 1, *self.fast_freqs_cis.shape[1:]).clone())
+                           for k in range(n)]
 
     # -- slow model --------------------------------------------------------------
 
@@ -434,22 +452,19 @@ class DualARTransformer(nn.Module):
     # -- fast model --------------------------------------------------------------
 
     def forward_fast(self, x: Tensor, position: int, slots: Tensor | None = None,
-                     logits: bool = True, block: BlockFn = run_block) -> Tensor | None:
+                     logits: bool = True, block: BlockFn = run_block, head: HeadFn = run_head) -> Tensor | None:
         """One fast position for a batch: ``x [B, fast_dim]`` at fast position
         ``position`` → logits ``[B, fast_logit_size]`` (§4.9). The position-0 logits
         are discarded by the reference, so callers pass ``logits=False`` there."""
         B = x.shape[0]
-        pos = torch.full((B, 1), position, dtype=torch.long, device=x.device)
-        n = self.config.num_codebooks
-        mask = (torch.arange(n, device=x.device) <= position).view(1, 1, 1, n)
-        rope = self.fast_freqs_cis[pos]
+        pos, mask, rope = self.fast_steps[position]
+        pos, rope = pos.expand(B, 1), rope.expand(B, *rope.shape[1:])
         h = x[:, None]
         for layer, cache in zip(self.fast_layers, self.fast_caches):
             h = block(layer, h, rope, cache, slots, pos, mask)
         if not logits:
             return None
-        limit = self.config.fast_logit_size
-        return F.linear(self.fast_norm(h[:, 0]), self.fast_output.weight[:limit])
+        return head(self.fast_norm, h[:, 0], self.fast_output.weight[: self.config.fast_logit_size])
 
 
 # -------------------------------------------------------------------------- loading

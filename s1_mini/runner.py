@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from s1_mini.compilation import buckets, capture_graph
-from s1_mini.model import BlockFn, DualARTransformer, run_block
+from s1_mini.model import BlockFn, DualARTransformer, HeadFn, run_block, run_head
 from s1_mini.sampler import BatchSampling, NoiseFn, SamplingParams, counter_noise, generator_noise, sample
 
 SampleFn = Callable[[Tensor, Tensor | None, BatchSampling, "int | Tensor"], Tensor]
@@ -35,8 +35,8 @@ BATCHED_PREFILL_LENGTH = 512
 
 def decode_frame(model: DualARTransformer, tokens: Tensor, pos: Tensor, slots: Tensor | None,
                  sampling: BatchSampling, slow_history: Tensor | None,
-                 fast_history: Tensor | None, sample_fn: SampleFn = sample,
-                 block: BlockFn = run_block, at: Tensor | None = None, kv_len: int | None = None) -> Tensor:
+                 fast_history: Tensor | None, sample_fn: SampleFn = sample, block: BlockFn = run_block,
+                 at: Tensor | None = None, kv_len: int | None = None, head: HeadFn = run_head) -> Tensor:
     """One frame for each sequence of the batch (§5.3).
 
     ``tokens [B, N+1, T]`` at positions ``pos [B, T]``; ``slow_history [B, H]`` are the
@@ -60,7 +60,7 @@ def decode_frame(model: DualARTransformer, tokens: Tensor, pos: Tensor, slots: T
     code = torch.where((code >= 0) & (code < c.codebook_size), code, 0)
     codes = [code]
     for k in range(1, c.num_codebooks):
-        logits = model.forward_fast(model.fast_embeddings(code), k, slots, block=block)
+        logits = model.forward_fast(model.fast_embeddings(code), k, slots, block=block, head=head)
         code = sample_fn(logits, None if fast_history is None else fast_history[:, k], sampling, draws[k])
         codes.append(code)
     return torch.stack([token, *codes], dim=1)
@@ -121,7 +121,8 @@ class SlotState:
 
 
 def decode_step(model: DualARTransformer, state: SlotState, rows: int, noise: NoiseFn | None = None,
-                sample_fn: SampleFn = sample, block: BlockFn = run_block, kv_len: int | None = None) -> Tensor:
+                sample_fn: SampleFn = sample, block: BlockFn = run_block, kv_len: int | None = None,
+                head: HeadFn = run_head) -> Tensor:
     """One frame for slots ``0..rows-1`` from their state, which it then advances;
     attention reads the first ``kv_len`` cache positions, which must cover every
     running row's position. Returns the frames ``[rows, N+1]``. Pure tensor work, so it
@@ -134,7 +135,7 @@ def decode_step(model: DualARTransformer, state: SlotState, rows: int, noise: No
     slow_history = window.gather(2, first[:, None, None].expand(-1, window.shape[1], 1))[:, :, 0]
     frames = decode_frame(model, state.last[:rows, :, None], state.pos[:rows, None], None,
                           state.sampling(rows, noise), slow_history, window[:, 1:], sample_fn, block,
-                          kv_len=kv_len)
+                          kv_len=kv_len, head=head)
     state.advance(rows, frames)
     return frames
 
@@ -186,7 +187,8 @@ class PrefillInputs:
 
 
 def prefill_step(model: DualARTransformer, inputs: PrefillInputs, rows: int, length: int,
-                 kv_len: int | None = None, sample_fn: SampleFn = sample, block: BlockFn = run_block) -> Tensor:
+                 kv_len: int | None = None, sample_fn: SampleFn = sample, block: BlockFn = run_block,
+                 head: HeadFn = run_head) -> Tensor:
     """The first frames ``[rows, N+1]`` of the prompts in ``inputs``' first ``rows``
     rows, run padded to ``length`` positions and attending to the first ``kv_len``
     cache positions (which must cover every prompt), with counter noise. Pure tensor
@@ -197,7 +199,7 @@ def prefill_step(model: DualARTransformer, inputs: PrefillInputs, rows: int, len
     end = model.slow_caches[0].k.shape[2] - 1
     pos = (inputs.offset[:rows, None] + torch.arange(length, device=inputs.tokens.device)).clamp(max=end)
     return decode_frame(model, inputs.tokens[:rows, :, :length], pos, inputs.slot[:rows], sampling, None, None,
-                        sample_fn, block, at=inputs.last[:rows], kv_len=kv_len)
+                        sample_fn, block, at=inputs.last[:rows], kv_len=kv_len, head=head)
 
 
 class PrefixCache:
@@ -295,6 +297,7 @@ class ModelRunner:
         self.sample_fn: SampleFn = sample
         self.decode_block: BlockFn = run_block
         self.prefill_block: BlockFn = run_block
+        self.head: HeadFn = run_head
         self.compiled = False  # compile() ran: padded prefill, counter noise instead of generators
         self.buckets: list[int] = []
         self.kv_lengths = buckets(max_seq_len, smallest=min(KV_SMALLEST, max_seq_len))
@@ -324,6 +327,7 @@ class ModelRunner:
         self.decode_block = wrap(run_block, False)
         self.prefill_block = wrap(run_block, True)
         self.sample_fn = wrap(sample, None)  # static, then dynamic rows once a second bucket comes
+        self.head = wrap(run_head, None)
         self.compiled = True
         self.buckets = buckets(self.max_batch_size)
         self.prefill_lengths = buckets(self.max_seq_len, smallest=64)
@@ -340,7 +344,8 @@ class ModelRunner:
         for rows in reversed(self.buckets):  # the largest first: its memory is reused by the rest
             for kv_len in reversed(self.kv_lengths):
                 self.graphs[rows, kv_len] = capture(partial(
-                    decode_step, self.model, self.state, rows, None, self.sample_fn, self.decode_block, kv_len), pool)
+                    decode_step, self.model, self.state, rows, None, self.sample_fn, self.decode_block, kv_len,
+                    self.head), pool)
         for rows in reversed(self.prefill_rows):
             for length in reversed(self.prefill_lengths):
                 if rows > 1 and length > BATCHED_PREFILL_LENGTH:
@@ -348,7 +353,7 @@ class ModelRunner:
                 for kv_len in [n for n in reversed(self.kv_lengths) if n >= length]:  # those a prompt can need
                     self.prefill_graphs[rows, length, kv_len] = capture(partial(
                         prefill_step, self.model, self.prefill_inputs, rows, length, kv_len, self.sample_fn,
-                        self.prefill_block), pool)
+                        self.prefill_block, self.head), pool)
 
     def acquire(self, seq: SequenceState) -> None:
         self.free_slots.sort()
@@ -395,7 +400,7 @@ class ModelRunner:
         self.prefill_inputs.load(seqs, starts, rows)
         if graph is None:
             frames = prefill_step(self.model, self.prefill_inputs, rows, length, kv_len, self.sample_fn,
-                                  self.prefill_block)
+                                  self.prefill_block, self.head)
         else:
             graph[0].replay()
             frames = graph[1]
@@ -413,7 +418,7 @@ class ModelRunner:
         return decode_frame(self.model, tokens.to(self.device), pos.to(self.device),
                             torch.tensor([s.slot for s in seqs], device=self.device), sampling, None, None,
                             self.sample_fn, self.prefill_block, at=torch.tensor(lengths, device=self.device) - 1,
-                            kv_len=self._kv_len(max(s.prompt.shape[1] for s in seqs)))
+                            kv_len=self._kv_len(max(s.prompt.shape[1] for s in seqs)), head=self.head)
 
     def _prefilled(self, seq: SequenceState, start: int, frame: Tensor) -> None:
         """Record a prefill's first frame; keep the voice prefix it computed, if any."""
@@ -478,13 +483,14 @@ class ModelRunner:
             graph, frames = self.graphs[rows, kv_len]
             graph.replay()
         elif self.compiled:
-            frames = decode_step(self.model, self.state, rows, None, self.sample_fn, self.decode_block, kv_len)
+            frames = decode_step(self.model, self.state, rows, None, self.sample_fn, self.decode_block, kv_len,
+                                 self.head)
         else:
             generators = [None] * rows
             for slot, s in self.occupied.items():
                 generators[slot] = s.generator
             frames = decode_step(self.model, self.state, rows, generator_noise(generators), self.sample_fn,
-                                 self.decode_block, kv_len)
+                                 self.decode_block, kv_len, self.head)
         # Copied off now: a graph rewrites its output at its next replay.
         if frames.is_cuda:
             frames = frames.to("cpu", non_blocking=True)  # into pinned memory, read once `done`
