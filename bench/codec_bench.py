@@ -1,7 +1,8 @@
 """Codec speed of our implementation on one device: offline decode, incremental decode, encode.
 
     python bench/codec_bench.py --checkpoint DIR [--device cuda] [--precision bfloat16]
-        [--seconds 10] [--batches 1,8,32] [--chunks 1,4] [--repeats 5] [--compile] --json OUT.json
+        [--seconds 10] [--batches 1,8,32] [--chunks 1,4] [--repeats 5] [--compile]
+        [--dilation phases|cudnn] --json OUT.json
 
 The codec is loaded as the engine loads it (``Codec.from_checkpoint`` + ``set_precision``).
 Codes are random, of the right shape for ``--seconds`` of audio (frames = seconds ·
@@ -13,8 +14,11 @@ sample_rate / frame_length, from the codec config). Random weights: speed only.
 - ``stream.c{C}_b{B}``: B streams decoded in lockstep with ``CodecStreams`` (chunk_frames
   C) as the scheduler streams: a first chunk of 1 frame, then chunks of C frames.
   Latency is per step (launch + collect, all B streams).
-- ``--compile``: the engine's compiled path: Snake compiled by inductor and, on CUDA,
-  the streaming steps replayed as CUDA graphs (``CodecStreams.compile``).
+- ``--compile``: the engine's compiled path: the convs' input passes (Snake, left
+  context, padding) compiled by inductor and, on CUDA, the streaming steps replayed as
+  CUDA graphs (``CodecStreams.compile``).
+- ``--dilation``: how CUDA runs the dilated convs: undilated over their dilation phases
+  (``phases``, the default) or as cuDNN's dilated convs (``cudnn``; the CPU always does).
 - ``encode.b1``: ``Codec.encode`` of ``--seconds`` of reference audio (sine + noise).
 
 Every timing synchronises CUDA before and after; warm-up runs come first; offline figures
@@ -34,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from s1_mini.codec import Codec, CodecStreams
+from s1_mini.codec import Codec, CodecStreams, layers
 from s1_mini.compilation import compile_or_eager
 from timing import guarded, peak_gib, reset_peak, sync, timed
 
@@ -120,7 +124,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--stream-passes", type=int, default=3, help="whole streams decoded per chunk size and batch")
-    p.add_argument("--compile", action="store_true", help="the engine's compiled path (inductor Snake, CUDA graphs)")
+    p.add_argument("--compile", action="store_true",
+                   help="the engine's compiled path (inductor input passes, CUDA graphs)")
+    p.add_argument("--dilation", default="phases", choices=("phases", "cudnn"),
+                   help="CUDA's dilated convs: undilated over their phases, or cuDNN's dilated kernels")
     p.add_argument("--profile", action="store_true",
                    help="print torch.profiler's kernel table for one offline decode at the largest batch <= 8")
     p.add_argument("--json", required=True, type=Path)
@@ -128,6 +135,8 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but no CUDA device: pass --device cpu --precision float32 for a smoke run")
+    if args.dilation == "cudnn":
+        layers.PHASED_DILATION.discard("cuda")
     batches = sorted({1, *(int(b) for b in args.batches.split(","))})
     chunks = [int(c) for c in args.chunks.split(",")]
 
@@ -142,9 +151,9 @@ def main() -> None:
     compile_fn = None
     if args.compile:
         compile_fn = lambda fn: compile_or_eager(fn, "inductor", None, fullgraph=True, dynamic=True)  # noqa: E731
-        codec.compile_activations(compile_fn)
+        codec.compile_pointwise(compile_fn)
     result: dict[str, Any] = {
-        "impl": "ours", "compiled": args.compile,
+        "impl": "ours", "compiled": args.compile, "dilation": args.dilation,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "precision": args.precision, "checkpoint": str(args.checkpoint),
         "parameters": sum(t.numel() for t in codec.parameters()),

@@ -15,10 +15,14 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from s1_mini.checkpoint import CheckpointError
 from s1_mini.codec import Codec, CodecConfig, CodecConfigError, CodecStreams, encode_reference_audio, load_audio
+from s1_mini.codec import layers
 from s1_mini.codec.audio import AudioError, audio_seconds
+from s1_mini.codec.context import LeftContext
+from s1_mini.codec.layers import CausalConv1d, CausalConvTranspose1d, snake
 from s1_mini.codec.transformer import rope_table
 from s1_mini.testing.codec_checkpoint import TINY_CONFIG, write_codec_checkpoint
 
@@ -463,14 +467,117 @@ def test_cli_missing_checkpoint(tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr and "not found" in r.stderr
 
 
-@pytest.mark.parametrize("dilation,length", [(3, 50), (9, 200), (9, 73), (2, 31)])
-def test_polyphase_conv_equals_dilated_conv(dilation, length):
-    """The CUDA path of dilated convs: the same outputs as the dilated conv itself."""
-    from s1_mini.codec.layers import polyphase_conv1d
+# --- layout: time-major activations, channels-last convs --------------------------------
 
-    g = torch.Generator().manual_seed(dilation * length)
-    x = torch.randn(2, 6, length + 6 * dilation, generator=g)
-    w, b = torch.randn(5, 6, 7, generator=g), torch.randn(5, generator=g)
-    expected = torch.nn.functional.conv1d(x, w, b, dilation=dilation)
-    assert polyphase_conv1d(x, w, b, dilation).shape == expected.shape
-    assert torch.allclose(polyphase_conv1d(x, w, b, dilation), expected, atol=1e-5)
+
+def conv_input(x: torch.Tensor, context: int, alpha: torch.Tensor | None) -> torch.Tensor:
+    """The channels-first input of the reference's conv: Snake (if any), zero left padding."""
+    return torch.nn.functional.pad(x if alpha is None else snake(x, alpha), (0, 0, context, 0)).mT
+
+
+@pytest.mark.parametrize("phased", [False, True])
+@pytest.mark.parametrize("k,stride,dilation,groups", [(7, 1, 1, 1), (7, 1, 3, 1), (7, 1, 9, 1), (3, 1, 2, 1),
+                                                      (1, 1, 1, 1), (4, 2, 1, 1), (7, 1, 1, 6)])
+def test_causal_conv_equals_padded_conv1d(monkeypatch, phased, k, stride, dilation, groups):
+    """A time-major conv run as a channels-last conv2d (phased: a dilated one undilated over
+    its phases, the input right-padded to whole phases) equals F.conv1d on the zero-padded
+    channels-first input, with contiguous or channels-last weights, Snake fused or not."""
+    monkeypatch.setattr(layers, "PHASED_DILATION", {"cpu"} if phased else set())
+    g = torch.Generator().manual_seed(k * 100 + dilation)
+    conv = CausalConv1d(6, 12, k, stride, dilation, groups)
+    w, b = conv.conv.weight.detach().clone(), conv.conv.bias.detach()
+    for length in (37 * stride, 45 * stride):
+        x = torch.randn(2, length, 6, generator=g)
+        alpha = torch.rand(6, generator=g) + 0.5
+        for a in (None, alpha):
+            expected = torch.nn.functional.conv1d(conv_input(x, conv.context, a), w, b, stride, 0, dilation, groups).mT
+            for weight in (w, layers.channels_last(w)):
+                conv.conv.weight.data = weight
+                with torch.inference_mode():
+                    y = conv(x, LeftContext(2, 1, "cpu"), a)
+                # Time-major (a phased conv's output is cropped: a view with a longer batch stride).
+                assert y.shape == expected.shape and y.stride()[1:] == (12, 1)
+                assert torch.allclose(y, expected, atol=1e-5), (length, a is None)
+
+
+@pytest.mark.parametrize("k,stride", [(4, 2), (16, 8), (2, 2), (3, 2), (5, 2)])
+def test_causal_conv_transpose_equals_cropped_transposed_conv(k, stride):
+    """The transposed conv's padding drops exactly the outputs the crop of spec §3.2 drops
+    (and its output padding restores the last ones when k is not a multiple of s)."""
+    g = torch.Generator().manual_seed(k * 10 + stride)
+    conv = CausalConvTranspose1d(6, 5, k, stride, weight_norm=False)
+    w, b = conv.conv.weight.detach().clone(), conv.conv.bias.detach()
+    x, alpha = torch.randn(2, 11, 6, generator=g), torch.rand(6, generator=g) + 0.5
+    skip = conv.context * stride
+    for a in (None, alpha):
+        full = torch.nn.functional.conv_transpose1d(conv_input(x, conv.context, a), w, b, stride)
+        expected = full[..., skip : skip + 11 * stride].mT
+        for weight in (w, layers.channels_last(w)):
+            conv.conv.weight.data = weight
+            with torch.inference_mode():
+                y = conv(x, LeftContext(2, 1, "cpu"), a)
+            assert y.shape == expected.shape and y.is_contiguous()
+            assert torch.allclose(y, expected, atol=1e-5)
+
+
+class ConvLayouts(TorchDispatchMode):
+    """Records the memory layout of every conv's input, weight and output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs: list[tuple[bool, bool, bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.conv2d, torch.ops.aten.conv_transpose2d):
+            self.convs.append(tuple(t.is_contiguous(memory_format=torch.channels_last) for t in (*args[:2], out)))
+        return out
+
+
+def test_every_conv_reads_and_writes_channels_last(codec, monkeypatch):
+    """No conv of a decode, a phased decode, a stream or an encode needs a layout copy:
+    inputs, weights (laid out at load) and outputs are all channels-last."""
+    monkeypatch.setattr(layers, "PHASED_DILATION", {"cpu"})
+    codes = codes_for(codec, 7, 0)
+    with ConvLayouts() as record:
+        codec.decode(codes[None])
+        stream_all(CodecStreams(codec, slots=1, chunk_frames=4), [codes], [[1, 4, 2]])
+        codec.encode(torch.randn(2, 5 * FRAME))
+    assert len(record.convs) > 50 and all(all(c) for c in record.convs), record.convs
+
+
+def test_state_dict_keeps_the_reference_shapes(codec):
+    """Weights laid out channels-last for the convs keep their shapes (and so the file layout)."""
+    with torch.device("meta"):
+        fresh = Codec(codec.config)
+    assert {k: v.shape for k, v in codec.state_dict().items()} == {k: v.shape for k, v in fresh.state_dict().items()}
+    weight = codec.decoder.model[1].block[2].block[1].conv.weight
+    assert not weight.is_contiguous() and weight.transpose(1, 2).is_contiguous()
+
+
+def test_phased_dilation_decodes_and_streams_like_dilated_convs(codec, monkeypatch):
+    """The CUDA path of the dilated convs (phases), on the CPU: the same audio offline and
+    streamed, with lengths that are not whole phases (1 frame = 8 samples at the tiny
+    decoder's first residual units; dilations 3 and 9)."""
+    codes = codes_for(codec, 23, 4)
+    dilated = codec.decode(codes[None])[0]
+    monkeypatch.setattr(layers, "PHASED_DILATION", {"cpu"})
+    assert diff(codec.decode(codes[None])[0], dilated) <= 1e-5
+    (streamed,) = stream_all(CodecStreams(codec, slots=1, chunk_frames=5), [codes], [[1, 5, 5, 5, 5, 2]])
+    assert diff(streamed, dilated) <= 1e-5
+
+
+@pytest.mark.parametrize("phased", [False, True])
+def test_compiled_pointwise_passes_trace_whole(tiny_dir, monkeypatch, phased):
+    """Every input pass the codec runs traces as one graph (fullgraph, dynamic shapes;
+    dynamo's eager backend: inductor's CPU compile is too slow for a unit test) and gives
+    the eager audio, offline and streamed."""
+    monkeypatch.setattr(layers, "PHASED_DILATION", {"cpu"} if phased else set())
+    codec = Codec.from_checkpoint(tiny_dir)
+    codes = codes_for(codec, 11, 6)
+    expected = codec.decode(codes[None])[0]
+    codec.compile_pointwise(lambda fn: torch.compile(fn, backend="eager", fullgraph=True, dynamic=True))
+    assert diff(codec.decode(codes[None])[0], expected) <= 1e-6
+    (streamed,) = stream_all(CodecStreams(codec, slots=2, chunk_frames=4), [codes], [[1, 4, 4, 2]])
+    assert diff(streamed, expected) <= 1e-5
+    assert codec.encode(torch.randn(1, 3 * FRAME)).shape == (1, 4, 3)

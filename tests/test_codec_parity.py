@@ -81,23 +81,24 @@ def stage_diffs(codec: Codec, audio: np.ndarray, codes: np.ndarray, ref: dict[st
     """
     frame = codec.config.frame_length
     frames = -(-audio.shape[-1] // frame)
-    x = torch.nn.functional.pad(torch.from_numpy(audio), (0, frames * frame - audio.shape[-1]))[:, None]
+    x = torch.nn.functional.pad(torch.from_numpy(audio), (0, frames * frame - audio.shape[-1]))[..., None]
     c = torch.from_numpy(codes)
     q = codec.quantizer
+    # Our stages are time-major ([B, L, C]); the reference's tensors are channels-first.
     with torch.inference_mode():
         ctx = LeftContext(x.shape[0], frames, "cpu")
         encoder = codec.encoder(x, ctx)
-        z = torch.from_numpy(ref["audio.encoder"])
+        z = torch.from_numpy(ref["audio.encoder"]).mT
         for stage in q.downsample:
             z = stage(z, ctx)
         pre = q.pre_module(z, ctx)
         ctx = LeftContext(c.shape[0], c.shape[2], "cpu")
-        post = q.post_module(q.latent(c), ctx)
-        z = torch.from_numpy(ref["codes.post_module"])
+        post = q.post_module(q.latent(c).mT, ctx)
+        z = torch.from_numpy(ref["codes.post_module"]).mT
         for stage in q.upsample:
             z = stage(z, ctx)
     ours = {"audio.encoder": encoder, "audio.pre_module": pre, "codes.post_module": post, "codes.upsample": z}
-    return {key: max_diff(value, ref[key]) / np.abs(ref[key]).max() for key, value in ours.items()}
+    return {key: max_diff(value.mT, ref[key]) / np.abs(ref[key]).max() for key, value in ours.items()}
 
 
 def stream(codec: Codec, codes: np.ndarray, chunks: list[int]) -> np.ndarray:

@@ -9,6 +9,10 @@ for incremental decode, a :class:`SlotContext` reads each stream's samples kept 
 previous call and keeps the new ones. An offline decode is a call on fresh streams, so
 streaming cannot drift from it.
 
+Time is dim 1 of every tensor here (activations are time-major, ``[B, L, ...]``). A
+layer asks for its ``past`` samples, builds its input ``[past, x]`` itself (a conv
+fuses that copy with its activation), and hands it back to ``keep``.
+
 Streams in a batch may get different numbers of new frames: the caller right-pads to
 the longest; because every layer is causal the padding never reaches a stream's valid
 outputs, and the context kept for the next call is taken from each stream's own last
@@ -33,16 +37,26 @@ class LeftContext:
         self.start = torch.zeros(batch, dtype=torch.long, device=device)  # first new frame's index
         self.end_frame = frames  # exclusive bound on the frame indices of this call
 
-    def steps_per_frame(self, x: Tensor, dim: int) -> int:
-        """Samples per code frame at a layer whose input is ``x`` (time along ``dim``)."""
-        return x.shape[dim] // self.max_frames
+    def steps_per_frame(self, x: Tensor) -> int:
+        """Samples per code frame at a layer whose input is ``x``."""
+        return x.shape[1] // self.max_frames
 
-    def extend(self, key: Hashable, x: Tensor, size: int, dim: int = -1) -> Tensor:
-        """``x`` with its ``size`` previous samples prepended along ``dim``."""
+    def past(self, key: Hashable, x: Tensor, size: int) -> Tensor | None:
+        """The ``size`` samples before ``x`` (``[B, size, ...]``); None when they are all zeros."""
+        return None
+
+    def keep(self, key: Hashable, full: Tensor, size: int) -> None:
+        """``full`` is ``x`` after its ``size`` past samples: keep what the next call's ``past`` needs."""
+
+    def extend(self, key: Hashable, x: Tensor, size: int) -> Tensor:
+        """``x`` with its ``size`` previous samples prepended (and kept)."""
         if size == 0:
             return x
-        dim = dim % x.dim()
-        return F.pad(x, [0, 0] * (x.dim() - 1 - dim) + [size, 0])  # one kernel: no zeros, then a copy
+        past = self.past(key, x, size)
+        # F.pad: one kernel (no zeros tensor, then a copy).
+        full = F.pad(x, [0, 0] * (x.dim() - 2) + [size, 0]) if past is None else torch.cat([past, x], 1)
+        self.keep(key, full, size)
+        return full
 
     def positions(self, steps: int, count: int) -> Tensor:
         """Absolute positions ``[B, count]`` of the new steps at ``steps`` per frame."""
@@ -52,12 +66,12 @@ class LeftContext:
 
 class SlotContext(LeftContext):
     """Left context of streams that live in fixed slots: ``store[key]`` holds every
-    slot's last samples for one layer (``[slots, ...]``, made on first use), and a call
-    runs slots ``0..rows-1``. Row ``b`` decodes ``frames[b]`` valid new frames (0 leaves
-    its context as it was) from frame ``start[b]``; ``start[b] == 0`` is a fresh stream,
-    whose context is zeros whatever the slot held. Shapes depend only on ``rows`` and
-    ``max_frames`` and nothing is read back to the host, so a call can be replayed as a
-    CUDA graph. Frame indices are clamped below ``end_frame`` (the positions table)."""
+    slot's last samples for one layer (``[slots, size, ...]``, made on first use), and a
+    call runs slots ``0..rows-1``. Row ``b`` decodes ``frames[b]`` valid new frames (0
+    leaves its context as it was) from frame ``start[b]``; ``start[b] == 0`` is a fresh
+    stream, whose context is zeros whatever the slot held. Shapes depend only on ``rows``
+    and ``max_frames`` and nothing is read back to the host, so a call can be replayed as
+    a CUDA graph. Frame indices are clamped below ``end_frame`` (the positions table)."""
 
     def __init__(self, store: dict[Hashable, Tensor], slots: int, frames: Tensor, start: Tensor,
                  max_frames: int, end_frame: int) -> None:
@@ -69,26 +83,23 @@ class SlotContext(LeftContext):
         self.max_frames = max_frames
         self.end_frame = end_frame
 
-    def extend(self, key: Hashable, x: Tensor, size: int, dim: int = -1) -> Tensor:
-        """As :meth:`LeftContext.extend`, from the slots' kept samples; keeps the last
-        ``size`` valid samples of the result for the next call."""
+    def past(self, key: Hashable, x: Tensor, size: int) -> Tensor | None:
         if size == 0:
-            return x
-        dim = dim % x.dim()
+            return None
         if key not in self.store:
-            shape = list(x.shape)
-            shape[0], shape[dim] = self.slots, size
-            self.store[key] = x.new_zeros(shape)
-        kept = self.store[key][: self.batch]
+            self.store[key] = x.new_zeros((self.slots, size, *x.shape[2:]))
         fresh = (self.start == 0).view([-1] + [1] * (x.dim() - 1))
-        full = torch.cat([torch.where(fresh, 0, kept), x], dim)
+        return torch.where(fresh, 0, self.store[key][: self.batch])
+
+    def keep(self, key: Hashable, full: Tensor, size: int) -> None:
+        if size == 0:
+            return
+        kept = self.store[key][: self.batch]
         # Row b's valid samples end at size + frames[b]·steps.
-        steps = self.steps_per_frame(x, dim)
-        index = (self.frames * steps)[:, None] + torch.arange(size, device=x.device)
-        view = [1] * x.dim()
-        view[0], view[dim] = self.batch, size
-        kept.copy_(full.gather(dim, index.view(view).expand(kept.shape)))
-        return full
+        steps = (full.shape[1] - size) // self.max_frames
+        index = (self.frames * steps)[:, None] + torch.arange(size, device=full.device)
+        index = index.view([self.batch, size] + [1] * (full.dim() - 2))
+        kept.copy_(full.gather(1, index.expand(kept.shape)))
 
     def positions(self, steps: int, count: int) -> Tensor:
         return super().positions(steps, count).clamp(max=self.end_frame * steps - 1)

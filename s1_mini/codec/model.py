@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .config import CodecConfig, TransformerArgs
 from .context import LeftContext
-from .layers import CausalConv1d, CausalConvTranspose1d, Chain, ResidualUnit, Snake, snake
+from .layers import CausalConv1d, CausalConvTranspose1d, Chain, ResidualUnit, Snake, causal_input, channels_last
 from .quantizer import Quantizer, VQStage
 from .transformer import WindowedTransformer
 
@@ -37,7 +37,7 @@ class EncoderBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """``encoder.block.*``: audio ``[B, 1, L]`` → latent ``[B, latent, L / hop]``."""
+    """``encoder.block.*``: audio ``[B, L, 1]`` → latent ``[B, L / hop, latent]`` (time-major)."""
 
     def __init__(self, cfg: CodecConfig) -> None:
         super().__init__()
@@ -66,7 +66,7 @@ class DecoderBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-    """``decoder.model.*``: latent ``[B, latent, 4T]`` → audio ``[B, 1, T · frame_length]`` in (−1, 1)."""
+    """``decoder.model.*``: latent ``[B, 4T, latent]`` → audio ``[B, T · frame_length, 1]`` in (−1, 1)."""
 
     def __init__(self, cfg: CodecConfig) -> None:
         super().__init__()
@@ -88,7 +88,8 @@ class Codec(nn.Module):
     incrementally, many streams at once, with :class:`~s1_mini.codec.streams.CodecStreams`).
 
     Built in float32; :meth:`set_precision` moves the conv and linear weights to bf16 or
-    fp16, while Snake, norms, softmax, RoPE and the VQ stay float32 (spec §9).
+    fp16, while Snake, norms, softmax, RoPE and the VQ stay float32 (spec §9). Inside,
+    activations are time-major (``[B, L, C]``, see :mod:`.layers`).
     """
 
     def __init__(self, config: CodecConfig) -> None:
@@ -113,12 +114,15 @@ class Codec(nn.Module):
         return load_codec(Path(checkpoint_dir), torch.device(device), dtype)
 
     def set_precision(self, dtype: torch.dtype) -> "Codec":
-        """Cast the conv/linear weights (GEMMs) to ``dtype``; everything else stays float32."""
+        """Cast the conv/linear weights (GEMMs) to ``dtype``, everything else stays float32;
+        lay the causal convs' weights out channels-last, as their convs read them."""
         self.dtype = dtype
         vq = {id(m) for stage in self.modules() if isinstance(stage, VQStage) for m in stage.modules()}
         for module in self.modules():
             if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d, nn.Linear)) and id(module) not in vq:
                 module.to(dtype)
+            if isinstance(module, (CausalConv1d, CausalConvTranspose1d)):
+                module.conv.weight.data = channels_last(module.conv.weight.data)
         return self
 
     @property
@@ -136,7 +140,7 @@ class Codec(nn.Module):
         frames = -(-audio.shape[1] // self.config.frame_length)
         x = F.pad(audio.to(self.device, self.dtype), (0, frames * self.config.frame_length - audio.shape[1]))
         ctx = LeftContext(x.shape[0], frames, self.device)
-        return self.quantizer.encode(self.encoder(x[:, None], ctx), ctx)
+        return self.quantizer.encode(self.encoder(x[..., None], ctx), ctx)
 
     @torch.inference_mode()
     def decode(self, codes: Tensor) -> Tensor:
@@ -166,20 +170,21 @@ class Codec(nn.Module):
         audio = self._decode(padded, ctx)
         return [a[: n * self.config.frame_length] for a, n in zip(audio, lengths)]
 
-    def compile_activations(self, wrap: Callable[[Callable], Callable]) -> None:
-        """Run every Snake through ``wrap(snake)`` (e.g. torch.compile, dynamic shapes):
-        eager, each Snake is seven float32 passes over the widest activations."""
-        # Dynamic shapes still recompile for new strides (a transposed conv's cropped
-        # output) and 0/1 sizes: a few more compiles than dynamo's default limit of 8.
+    def compile_pointwise(self, wrap: Callable[[Callable], Callable]) -> None:
+        """Run every causal conv's input pass (Snake, left context, padding) through
+        ``wrap(causal_input)`` (e.g. torch.compile, dynamic shapes): one pass over the
+        activations each, instead of the Snake's seven float32 passes and a copy."""
+        # Dynamic shapes still recompile for new strides (a phased conv's cropped output),
+        # 0/1 sizes and absent arguments: more compiles than dynamo's default limit of 8.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        compiled = wrap(snake)
+        compiled = wrap(causal_input)
         for module in self.modules():
-            if isinstance(module, Snake):
-                module.activation = compiled
+            if isinstance(module, (CausalConv1d, CausalConvTranspose1d)):
+                module.input_pass = compiled
 
     def _decode(self, codes: Tensor, ctx: LeftContext) -> Tensor:
         z = self.quantizer.decode(codes, ctx, self.dtype)
-        return self.decoder(z, ctx)[:, 0].float()
+        return self.decoder(z, ctx)[..., 0].float()
 
     def _check_codes(self, codes: Tensor, batched: bool) -> Tensor:
         n = self.config.num_codebooks

@@ -92,14 +92,14 @@ class Quantizer(nn.Module):
         )
 
     def encode(self, z: Tensor, ctx: LeftContext) -> Tensor:
-        """Encoder output ``[B, C, 4T]`` → codes ``[B, N, T]`` (int64).
+        """Encoder output ``[B, 4T, C]`` (time-major) → codes ``[B, N, T]`` (int64).
 
         Unlike the reference, post_module and upsample are not run: their result is
         discarded there (spec §6.5).
         """
         for stage in self.downsample:
             z = stage(z, ctx)
-        z = self.pre_module(z, ctx).float()
+        z = self.pre_module(z, ctx).float().transpose(1, 2)
         semantic, reconstruction = self.semantic_quantizer.encode(z)
         residual, _ = self.quantizer.encode(z - reconstruction)
         return torch.cat([semantic, residual], 1)
@@ -111,7 +111,8 @@ class Quantizer(nn.Module):
         return self.quantizer.decode(residual) + self.semantic_quantizer.decode(semantic)
 
     def decode(self, codes: Tensor, ctx: LeftContext, dtype: torch.dtype) -> Tensor:
-        z = self.post_module(self.latent(codes).to(dtype), ctx)
+        """Codes ``[B, N, T]`` → the decoder's input ``[B, 4T, C]`` (time-major)."""
+        z = self.post_module(self.latent(codes).transpose(1, 2).to(dtype), ctx)
         for stage in self.upsample:
             z = stage(z, ctx)
         return z

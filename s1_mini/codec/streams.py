@@ -74,9 +74,9 @@ class CodecStreams:
 
     @torch.inference_mode()
     def compile(self, wrap: Callable[[Callable], Callable]) -> None:
-        """Compile the Snake activations (``wrap``, dynamic shapes) and, on CUDA, capture
-        a step per bucket of rows, largest first (the others reuse its memory)."""
-        self.codec.compile_activations(wrap)
+        """Compile the codec's element-wise passes (``wrap``, dynamic shapes) and, on CUDA,
+        capture a step per bucket of rows, largest first (the others reuse its memory)."""
+        self.codec.compile_pointwise(wrap)
         if self.device.type != "cuda":
             return
         pool = torch.cuda.graph_pool_handle()

@@ -58,8 +58,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         # Keys and values of the window − 1 previous positions, already rotated.
         past = self.window - 1
-        k = ctx.extend((self, "k"), k, past, dim=1)
-        v = ctx.extend((self, "v"), v, past, dim=1)
+        k = ctx.extend((self, "k"), k, past)
+        v = ctx.extend((self, "v"), v, past)
         key_pos = pos[:, :1] - past + torch.arange(k.shape[1], device=pos.device)
         q_pos, key_pos = pos[:, None, :, None], key_pos[:, None, None, :]
         # Window of `window` keys including the query itself; negative positions are the
@@ -96,7 +96,7 @@ class Block(nn.Module):
 
 
 class WindowedTransformer(nn.Module):
-    """Channels-first ``[B, input_dim, N]`` in and out; projections only if ``input_dim ≠ dim``."""
+    """Time-major ``[B, N, input_dim]`` in and out; projections only if ``input_dim ≠ dim``."""
 
     def __init__(self, args: TransformerArgs, input_dim: int, window: int) -> None:
         super().__init__()
@@ -120,10 +120,9 @@ class WindowedTransformer(nn.Module):
         return self._rope[pos]
 
     def forward(self, x: Tensor, ctx: LeftContext) -> Tensor:
-        x = x.transpose(1, 2)
         if self.input_proj is not None:
             x = self.input_proj(x)
-        steps = ctx.steps_per_frame(x, 1)
+        steps = ctx.steps_per_frame(x)
         pos = ctx.positions(steps, x.shape[1])
         rope = self._rope_rows(pos, ctx.end_frame * steps)
         for layer in self.layers:
@@ -131,4 +130,4 @@ class WindowedTransformer(nn.Module):
         x = self.norm(x)
         if self.output_proj is not None:
             x = self.output_proj(x)
-        return x.transpose(1, 2)
+        return x
