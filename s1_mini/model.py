@@ -188,18 +188,17 @@ class HeadNorm(nn.Module):
 
 
 def project(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)``. Compiled, a one-row input (a single stream's decode step) is
-    projected as a broadcast multiply and a sum over the input dim in float32 (as a
-    GEMM accumulates): inductor then emits its own reduction kernels, which read the
-    weight once and take neighbouring pointwise work with them (11 kernels a block
-    instead of 15). cuBLAS's one-row GEMVs of these shapes reached a third of an H200's
-    bandwidth: a block took 48 us against 35 (bench/block_variants.py). Eager, and for
-    several rows, it stays a GEMM."""
+    """``F.linear(x, weight, bias)``. Compiled, a one-row input (a single stream's
+    decode step) is projected as a broadcast multiply and a sum over the input dim in
+    float32 (as a GEMM accumulates): inductor then emits its own reduction kernels,
+    which read the weight once and take neighbouring pointwise work with them (11
+    kernels a block instead of 15). cuBLAS's one-row GEMVs of these shapes reached a
+    third of an H200's bandwidth: a block took 48 us against 35
+    (bench/block_variants.py). Eager, and for several rows, it stays a GEMM."""
     if x.numel() != x.shape[-1] or not torch.compiler.is_compiling():
         return F.linear(x, weight, bias)
     y = (x.float()[..., None, :] * weight.float()).sum(-1).to(x.dtype)
     return y if bias is None else y + bias
-
 
 
 @dataclass(frozen=True)
