@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import s1_mini.model as model
+from s1_mini.compilation import capture_graph
 from s1_mini.model import Block, KVCache, StackShape
 
 LAYERS = 28
@@ -44,15 +45,7 @@ def w13_forward(ff):
 
 
 def time_graph(fn, reps=200) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    g, _ = capture_graph(fn, torch.cuda.graph_pool_handle())
     for _ in range(10):
         g.replay()
     torch.cuda.synchronize()
