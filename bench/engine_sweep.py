@@ -80,18 +80,21 @@ def main() -> None:
     p.add_argument("--voice-seconds", type=float, default=20.0, help="registered voice's audio (20 s: ~470-token prompt)")
     p.add_argument("--prefix-cache-size", type=int, default=16, help="EngineConfig.prefix_cache_size (0: off)")
     p.add_argument("--prefill-batch-size", type=int, default=16, help="EngineConfig.prefill_batch_size")
+    p.add_argument("--stream-chunk-frames", type=int, default=EngineConfig.stream_chunk_frames,
+                   help="EngineConfig.stream_chunk_frames (frames per streamed chunk after the first)")
     p.add_argument("--json", required=True)
     args = p.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     config = EngineConfig(checkpoint_path=args.checkpoint, device="cuda", precision="bfloat16",
                           max_new_tokens=args.frames, max_batch_size=max(levels), max_seq_len=2048,
                           max_queue_size=4 * max(levels), prefix_cache_size=args.prefix_cache_size,
-                          prefill_batch_size=args.prefill_batch_size)
+                          prefill_batch_size=args.prefill_batch_size, stream_chunk_frames=args.stream_chunk_frames)
     start = time.perf_counter()
     engine = ProductionTTSEngine(config).start()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "start_s": time.perf_counter() - start,
               "frames": args.frames, "prefix_cache_size": args.prefix_cache_size,
-              "prefill_batch_size": args.prefill_batch_size, "rounds": []}
+              "prefill_batch_size": args.prefill_batch_size, "stream_chunk_frames": args.stream_chunk_frames,
+              "rounds": []}
     rate = engine.sample_rate
     t = np.arange(int(args.voice_seconds * rate)) / rate
     engine.register_voice("narrator", (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), VOICE_TEXT, rate)
