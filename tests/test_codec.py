@@ -22,7 +22,7 @@ from s1_mini.codec import Codec, CodecConfig, CodecConfigError, CodecStreams, en
 from s1_mini.codec import layers
 from s1_mini.codec.audio import AudioError, audio_seconds
 from s1_mini.codec.context import LeftContext
-from s1_mini.codec.layers import CausalConv1d, CausalConvTranspose1d, snake
+from s1_mini.codec.layers import CausalConv1d, CausalConvTranspose1d, ResidualUnit, snake
 from s1_mini.codec.transformer import rope_table
 from s1_mini.testing.codec_checkpoint import TINY_CONFIG, write_codec_checkpoint
 
@@ -498,6 +498,22 @@ def test_causal_conv_equals_padded_conv1d(monkeypatch, phased, k, stride, dilati
                 # Time-major (a phased conv's output is cropped: a view with a longer batch stride).
                 assert y.shape == expected.shape and y.stride()[1:] == (12, 1)
                 assert torch.allclose(y, expected, atol=1e-5), (length, a is None)
+
+
+@pytest.mark.parametrize("phased", [False, True])
+def test_residual_unit_with_deferred_biases_equals_spec(monkeypatch, phased):
+    """Spec §3.4 with the convs' biases added in the passes after them."""
+    monkeypatch.setattr(layers, "PHASED_DILATION", {"cpu"} if phased else set())
+    g = torch.Generator().manual_seed(7)
+    unit = ResidualUnit(6, 3)
+    for snake_module in unit.block[::2]:
+        snake_module.alpha.data = torch.rand(1, 6, 1, generator=g) + 0.5
+    a1, c1, a2, c2 = unit.block[0].alpha.view(-1), unit.block[1].conv, unit.block[2].alpha.view(-1), unit.block[3].conv
+    x = torch.randn(2, 40, 6, generator=g)
+    y = torch.nn.functional.conv1d(conv_input(x, 18, a1), c1.weight, c1.bias, dilation=3)
+    expected = x + torch.nn.functional.conv1d(snake(y.mT, a2).mT, c2.weight, c2.bias).mT
+    with torch.inference_mode():
+        assert torch.allclose(unit(x, LeftContext(2, 1, "cpu")), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("k,stride", [(4, 2), (16, 8), (2, 2), (3, 2), (5, 2)])

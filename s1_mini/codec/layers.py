@@ -60,11 +60,15 @@ def snake(x: Tensor, alpha: Tensor) -> Tensor:
     return y.to(x.dtype)
 
 
-def causal_input(x: Tensor, alpha: Tensor | None, past: Tensor | None, size: int, right: int) -> Tensor:
+def causal_input(x: Tensor, bias: Tensor | None, alpha: Tensor | None, past: Tensor | None, size: int,
+                 right: int) -> Tensor:
     """What a causal conv reads, ``[B, size + L + right, C]``: the ``size`` samples before
-    ``x`` (``past``, or zeros if None), then ``Snake(x)`` (``x`` if ``alpha`` is None),
-    then ``right`` zeros. One pass over ``x`` once compiled (``Codec.compile_pointwise``);
-    eager, the Snake alone is seven float32 passes."""
+    ``x`` (``past``, or zeros if None), then ``Snake(x + bias)`` (without the bias if it
+    is None, without Snake if ``alpha`` is), then ``right`` zeros. One pass over ``x``
+    once compiled (``Codec.compile_pointwise``); eager, the Snake alone is seven float32
+    passes."""
+    if bias is not None:
+        x = x + bias
     if alpha is not None:
         x = snake(x, alpha)
     if past is None:
@@ -72,6 +76,11 @@ def causal_input(x: Tensor, alpha: Tensor | None, past: Tensor | None, size: int
     # Padded first: compiled, the padded Snake is then written straight into the
     # concatenation (a padded concatenation is two passes).
     return torch.cat([past, F.pad(x, (0, 0, 0, right)) if right else x], 1)
+
+
+def residual(x: Tensor, y: Tensor, bias: Tensor) -> Tensor:
+    """``x + (y + bias)``: a residual unit's output, with its 1x1 conv's bias (one pass once compiled)."""
+    return x + (y + bias)
 
 
 class Chain(nn.ModuleList):
@@ -125,8 +134,11 @@ class CausalConv1d(nn.Module):
         self.context = (kernel_size - 1) * dilation + 1 - stride
         self.input_pass = causal_input  # Codec.compile_pointwise swaps in a compiled one
 
-    def forward(self, x: Tensor, ctx: LeftContext, alpha: Tensor | None = None) -> Tensor:
-        """``x [B, L, C_in]`` → ``[B, L / stride, C_out]``; ``alpha``: a Snake on ``x`` first."""
+    def forward(self, x: Tensor, ctx: LeftContext, alpha: Tensor | None = None, pending: Tensor | None = None,
+                defer_bias: bool = False) -> Tensor:
+        """``x [B, L, C_in]`` → ``[B, L / stride, C_out]``. ``alpha``: a Snake on ``x`` first;
+        ``pending``: the bias of the conv before, added to ``x`` before that; ``defer_bias``:
+        leave this conv's bias out, for the caller's next pass to add."""
         c, length = self.conv, x.shape[1]
         dilation, stride = c.dilation[0], c.stride[0]
         # Phased: output t = q·d + r only reads inputs of phase r, so the dilated conv is an
@@ -134,9 +146,10 @@ class CausalConv1d(nn.Module):
         # phases, the output cropped): the same memory, no copies.
         phases = dilation if dilation > 1 and stride == 1 and x.device.type in PHASED_DILATION else 1
         right = -length % phases
-        full = self.input_pass(x, alpha, ctx.past(self, x, self.context), self.context, right)
+        full = self.input_pass(x, pending, alpha, ctx.past(self, x, self.context), self.context, right)
         ctx.keep(self, full[:, : self.context + length], self.context)
-        y = F.conv2d(image(full, phases), kernel(c.weight), c.bias, (stride, 1), 0, (dilation // phases, 1), c.groups)
+        bias = None if defer_bias else c.bias
+        y = F.conv2d(image(full, phases), kernel(c.weight), bias, (stride, 1), 0, (dilation // phases, 1), c.groups)
         return unimage(y)[:, :length] if right else unimage(y)
 
 
@@ -158,7 +171,7 @@ class CausalConvTranspose1d(nn.Module):
 
     def forward(self, x: Tensor, ctx: LeftContext, alpha: Tensor | None = None) -> Tensor:
         """``x [B, L, C_in]`` → ``[B, L · stride, C_out]``; ``alpha``: a Snake on ``x`` first."""
-        full = self.input_pass(x, alpha, ctx.past(self, x, self.context), self.context, 0)
+        full = self.input_pass(x, None, alpha, ctx.past(self, x, self.context), self.context, 0)
         ctx.keep(self, full, self.context)
         s, k = self.stride, self.conv.kernel_size[0]
         # Without padding the output has (L + context − 1)·s + k samples; padding drops the
@@ -182,9 +195,15 @@ class ResidualUnit(nn.Module):
                 CausalConv1d(channels, channels, 1),
             ]
         )
+        self.residual = residual  # Codec.compile_pointwise swaps in a compiled one
 
     def forward(self, x: Tensor, ctx: LeftContext) -> Tensor:
-        return x + self.block(x, ctx)
+        # Each conv's bias is added in the element-wise pass after it (on CUDA a conv's own
+        # bias is one more pass over its output): two convs and three passes in all.
+        snake1, conv, snake2, pointwise = self.block
+        y = conv(x, ctx, snake1.channel_alpha(), defer_bias=True)
+        y = pointwise(y, ctx, snake2.channel_alpha(), pending=conv.conv.bias.detach(), defer_bias=True)
+        return self.residual(x, y, pointwise.conv.bias.detach())
 
 
 class LayerNorm32(nn.LayerNorm):

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from .config import CodecConfig, TransformerArgs
 from .context import LeftContext
-from .layers import CausalConv1d, CausalConvTranspose1d, Chain, ResidualUnit, Snake, causal_input, channels_last
+from .layers import (CausalConv1d, CausalConvTranspose1d, Chain, ResidualUnit, Snake, causal_input, channels_last,
+                     residual)
 from .quantizer import Quantizer, VQStage
 from .transformer import WindowedTransformer
 
@@ -171,16 +172,19 @@ class Codec(nn.Module):
         return [a[: n * self.config.frame_length] for a, n in zip(audio, lengths)]
 
     def compile_pointwise(self, wrap: Callable[[Callable], Callable]) -> None:
-        """Run every causal conv's input pass (Snake, left context, padding) through
-        ``wrap(causal_input)`` (e.g. torch.compile, dynamic shapes): one pass over the
-        activations each, instead of the Snake's seven float32 passes and a copy."""
+        """Run the element-wise passes between the convs through ``wrap`` (e.g.
+        torch.compile, dynamic shapes): every causal conv's input pass (bias, Snake, left
+        context, padding: ``causal_input``) and every residual unit's sum (``residual``),
+        one pass over the activations each instead of up to ten and a copy."""
         # Dynamic shapes still recompile for new strides (a phased conv's cropped output),
         # 0/1 sizes and absent arguments: more compiles than dynamo's default limit of 8.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        compiled = wrap(causal_input)
+        input_pass, residual_pass = wrap(causal_input), wrap(residual)
         for module in self.modules():
             if isinstance(module, (CausalConv1d, CausalConvTranspose1d)):
-                module.input_pass = compiled
+                module.input_pass = input_pass
+            if isinstance(module, ResidualUnit):
+                module.residual = residual_pass
 
     def _decode(self, codes: Tensor, ctx: LeftContext) -> Tensor:
         z = self.quantizer.decode(codes, ctx, self.dtype)
