@@ -462,9 +462,9 @@ class ModelRunner:
         next (no idle device between steps). A sequence that turns out to have finished
         got ``lag`` more frames, which are dropped, not appended. Only for steps that
         draw no generator (compiled): an eager step's draws must stop at the end."""
-        if self.fault_hook:
-            self.fault_hook("decode")
         try:
+            if self.fault_hook:
+                self.fault_hook("decode")
             self._launch_decode(seqs)
             while len(self._in_flight) > lag:
                 self._collect_decode(*self._in_flight.popleft())

@@ -22,12 +22,16 @@ REQUESTS = 5
 TEXTS = [f"Batched request {i} meets a simulated out-of-memory error." for i in range(REQUESTS)]
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
+@pytest.fixture(scope="module", params=["eager", "compiled-path"])
+def engine(tmp_path_factory, request):
+    """The eager runner, and the compiled runner's path (counter noise, a decode step in
+    flight; wrapped by nothing, on the CPU)."""
     checkpoint: Path = make_checkpoint(tmp_path_factory.mktemp("faults-engine") / "ckpt", "tiny", seed=0)
     config = EngineConfig(checkpoint_path=str(checkpoint), device="cpu", precision="float32", max_new_tokens=48,
                           max_batch_size=8)
     with ProductionTTSEngine(config) as e:
+        if request.param == "compiled-path":
+            e._runner.compile(lambda fn, dynamic: fn)
         yield e
 
 
