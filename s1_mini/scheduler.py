@@ -5,7 +5,9 @@ requests into free KV-cache slots (prefill), so new requests join the running ba
 the next step (continuous batching), and retires finished, timed-out or cancelled ones.
 Audio is produced here too: for streams, a batched incremental codec step queued on the
 device before each decode step and collected after it (one host round trip for both),
-and for the others one batched decode when they finish.
+and for the others one batched decode when they finish. A compiled runner keeps one
+decode step in flight: the frames read in an iteration are the previous step's, so the
+device runs a step while the host does the rest of the iteration.
 """
 
 from __future__ import annotations
