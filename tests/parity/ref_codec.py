@@ -69,6 +69,10 @@ def capture(modules: dict[str, torch.nn.Module], out: dict, prefix: str):
 
 def main(config_path: str, checkpoint: str, inputs: str, outputs: str) -> None:
     torch.manual_seed(0)
+    # One thread: with two, the reference's encoder output was seen to change from run to
+    # run (by ~1e-2 on the full-size checkpoint, flipping a near-tie code) whenever the
+    # parent test process had used its own OpenMP threads just before; with one it never did.
+    torch.set_num_threads(1)
     with open(config_path) as f:
         model = build(json.load(f))
     result = load(model, checkpoint)
