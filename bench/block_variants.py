@@ -1,7 +1,7 @@
 """Time one decode step's building blocks in variants, on a GPU, in CUDA graphs: which
 formulation of the transformer block (and of the fast codebooks' sampler) to build.
 
-    python bench/block_variants.py [--rows 1,64] [--json OUT]
+    python bench/block_variants.py [--rows 1,64] [--variants model,cdt,...] [--kv 256,1024,10] [--json OUT]
 
 S1-mini shapes, bf16, random weights. Block variants, each compiled by inductor (static
 shapes) and replayed as a graph of ``LAYERS`` calls (like the slow stack), for a decode
@@ -10,7 +10,13 @@ step (T = 1) over a 256-position cache and for the fast stack (10 positions):
 - ``model``: the block as ``s1_mini.model`` builds it (a one-row input's projections as
   inductor reductions, ``s1_mini.model.project``);
 - ``gemv``: every projection through ``nn.Linear`` (cuBLAS GEMVs), as before;
-- ``w13``: ``gemv`` with w1 and w3 as one concatenated projection.
+- ``w13``: ``gemv`` with w1 and w3 as one concatenated projection;
+- ``cdt``: ``model`` compiled with inductor's coordinate-descent tuning of its kernels'
+  block sizes and warps (``coordinate_descent_tuning``, as gpt-fast compiles);
+- ``math_attn``: ``model`` with a one-query attention written as multiply-and-sum
+  reductions and a float32 softmax, which inductor generates, instead of SDPA;
+- ``math_attn_cdt``: both;
+- ``efficient``: ``model`` with SDPA's cuDNN backend off (the memory-efficient kernel).
 
 Prints microseconds per block call and kernels per call; the fastest variant per shape is
 what the model should use. Speed only.
@@ -19,7 +25,9 @@ what the model should use. Speed only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import time
 
 import torch
@@ -42,6 +50,42 @@ def w13_forward(ff):
         return ff.w2(F.silu(a) * b)
 
     return forward
+
+
+def math_attend(q, keys, values, mask):
+    """One query per row as reductions: scores, float32 softmax, weighted sum of values."""
+    if q.shape[2] != 1:
+        return attend(q, keys, values, mask)
+    B, H, _, d = q.shape
+    kv = keys.shape[1]
+    qg = q.view(B, kv, H // kv, 1, d).float()
+    scores = (qg[..., None, :] * keys.float()[:, :, None, None]).sum(-1) / math.sqrt(d)  # [B, kv, G, 1, L]
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    out = (weights[..., None] * values.float()[:, :, None, None]).sum(-2)  # [B, kv, G, 1, d]
+    return out.view(B, H, 1, d).to(q.dtype)
+
+
+attend = model.attend
+
+
+@contextlib.contextmanager
+def variant_setup(variant: str):
+    """Patch the model module (and inductor's config) for one variant; undo after."""
+    saved_project, saved_attend = model.project, model.attend
+    inductor = {"coordinate_descent_tuning": variant.endswith("cdt")}
+    if variant in ("gemv", "w13"):
+        model.project = lambda x, weight, bias=None: F.linear(x, weight, bias)
+    if variant.startswith("math_attn"):
+        model.attend = math_attend
+    cudnn = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(variant != "efficient")
+    try:
+        with torch._inductor.config.patch(inductor):
+            yield
+    finally:
+        model.project, model.attend = saved_project, saved_attend
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
 
 
 def time_graph(fn, reps=200) -> float:
@@ -83,15 +127,10 @@ def run(rows: int, kv_len: int, variant: str, torch_seed: int = 0) -> dict:
     pos = torch.full((rows, 1), kv_len - 1, device=dev)
     mask = (torch.arange(kv_len, device=dev)[None, None, :] <= pos[:, :, None])[:, None]
     rope = torch.randn(rows, 1, SHAPE.head_dim // 2, 2, device=dev, dtype=dt)
-    project = model.project
-    if variant in ("gemv", "w13"):
-        model.project = lambda x, layer: layer(x)
-    try:
+    eager = block(x, rope, cache, None, pos, mask)
+    with variant_setup(variant):
         step = torch.compile(lambda x: block(x, rope, cache, None, pos, mask), fullgraph=True, dynamic=False)
-        eager = block(x, rope, cache, None, pos, mask)
         return measure(step, eager, x, rows, kv_len, variant)
-    finally:
-        model.project = project
 
 
 def measure(step, eager, x, rows: int, kv_len: int, variant: str) -> dict:
@@ -142,13 +181,15 @@ def run_sampler(rows: int, variant: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", default="1,64")
-    p.add_argument("--variants", default="model,gemv,w13")
+    p.add_argument("--variants", default="model,cdt,math_attn,math_attn_cdt,efficient,gemv")
+    p.add_argument("--kv", default="256,1024,10", help="cache lengths: slow-stack decode steps, the fast stack's 10")
+    p.add_argument("--sampler", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--json")
     args = p.parse_args()
     torch._dynamo.config.cache_size_limit = 256
     results = []
     for rows in [int(r) for r in args.rows.split(",")]:
-        for kv_len in (256, 10):  # a slow-stack decode step; the fast stack's 10 positions
+        for kv_len in [int(n) for n in args.kv.split(",")]:
             for variant in args.variants.split(","):
                 try:
                     r = run(rows, kv_len, variant)
@@ -156,7 +197,7 @@ def main() -> None:
                     r = {"rows": rows, "kv_len": kv_len, "variant": variant, "error": repr(exc)[:300]}
                 print(json.dumps(r), flush=True)
                 results.append(r)
-    for rows in [int(r) for r in args.rows.split(",")]:
+    for rows in [int(r) for r in args.rows.split(",")] if args.sampler else []:
         for variant in ("cumsum_op", "cumsum_inductor"):
             try:
                 r = run_sampler(rows, variant)
