@@ -52,10 +52,10 @@ def w13_forward(ff):
     return forward
 
 
-def math_attend(q, keys, values, mask):
+def math_attend(q, keys, values, mask, grouped):
     """One query per row as reductions: scores, float32 softmax, weighted sum of values."""
     if q.shape[2] != 1:
-        return attend(q, keys, values, mask)
+        return attend(q, keys, values, mask, grouped)
     B, H, _, d = q.shape
     kv = keys.shape[1]
     qg = q.view(B, kv, H // kv, 1, d).float()

@@ -227,10 +227,12 @@ def stack_shapes(c: ModelConfig) -> tuple[StackShape, StackShape]:
     return slow, fast
 
 
-def attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+def attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, grouped: bool) -> Tensor:
     """Attention of ``q [B, H, T, d]`` over ``keys, values [B, H_kv, L, d]`` under ``mask
-    [B, 1, T, L]`` (True = visible), heads grouped when ``H_kv < H``."""
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=keys.shape[1] != q.shape[1])
+    [B, 1, T, L]`` (True = visible); ``grouped``: ``H_kv < H``, heads share K/V in groups
+    (a Python bool from the stack's shape, not from tensor sizes, which are symbolic
+    when traced with dynamic shapes)."""
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=grouped)
 
 
 class Attention(nn.Module):
@@ -258,7 +260,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         keys, values = cache.write(slots, pos, k, v, mask.shape[-1])
-        out = attend(q.transpose(1, 2), keys, values, mask)
+        out = attend(q.transpose(1, 2), keys, values, mask, s.n_kv_head != s.n_head)
         return project(out.transpose(1, 2).reshape(B, T, s.n_head * s.head_dim), self.wo.weight, self.wo.bias)
 
 

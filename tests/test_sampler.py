@@ -1,5 +1,8 @@
 """The sampler's chunked reductions; the compiled runner's counter noise, its
-batch-independence, and the attention lengths a decode step reads (CPU)."""
+batch-independence, the attention lengths a decode step reads, and every captured step
+traced whole by torch.compile (CPU)."""
+
+import collections
 
 import numpy as np
 import pytest
@@ -230,6 +233,40 @@ def test_decode_attends_to_a_bucket_that_covers_every_row(tmp_path):
             assert torch.equal(a, b)
         assert {32, 64} <= set(used) and max(used) < 256  # the steps crossed 32 -> 64
         assert counts[0] == counts[1]  # several lengths, no more compiles than one
+
+
+def test_every_captured_step_traces_whole(tmp_path):
+    """Every step the runner captures on CUDA (decode per bucket of rows and attention
+    length; prefill per bucket of rows, prompt length and attention length) traced by
+    torch.compile with ``fullgraph=True``. On the GPU a graph break or a tracing error
+    in any of them makes ``compile_or_eager`` run that region eagerly from then on: no
+    failure, only a slow engine. The tiny model groups its heads (4 over 2 K/V heads) as
+    S1-mini does, and the batched prefill traces its rows with dynamic shapes, where a
+    head-count test on tensor sizes is a symbolic bool SDPA refuses."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", "tiny", seed=0, codec=False)
+    model, tok = load_text2semantic(ckpt)
+    assert model.slow_shape.n_kv_head < model.slow_shape.n_head
+    compiles = collections.Counter()
+
+    def wrap(fn, dynamic):
+        def counting(gm, example_inputs):
+            compiles[fn.__name__, dynamic] += 1
+            return gm.forward
+
+        return torch.compile(fn, backend=counting, fullgraph=True, dynamic=dynamic)
+
+    runner = ModelRunner(model, tok.im_end_id, 8, 256, prefill_batch_size=4)
+    torch._dynamo.reset()
+    steps = []
+    with torch.inference_mode():
+        runner.compile(wrap)  # on a CPU this captures nothing
+        runner.capture_graphs(lambda step, pool: steps.append(step) or (None, None), None)
+        assert len(steps) == len(runner.graphs) + len(runner.prefill_graphs)
+        assert {rows for rows, _, _ in runner.prefill_graphs} == {1, 2, 4}
+        for step in steps:
+            step()
+    # Static decode shapes: one compile per bucket of rows for each stack, none per attention length.
+    assert compiles["run_block", False] == 2 * len(runner.buckets)
 
 
 class _ReplayedStep:
