@@ -421,6 +421,8 @@ def test_synthesize_cli_bad_input(checkpoint, tmp_path, args, message):
     assert proc.returncode in (1, 2) and message in proc.stderr and "Traceback" not in proc.stderr
 
 
+# The thread's death is the point of the test: pytest's report of it is expected.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_dead_scheduler_thread_fails_its_requests(checkpoint):
     """A BaseException (not caught per step) kills the scheduler thread: the requests it
     held get an error at once instead of waiting for their timeout, and new ones are refused."""
