@@ -6,7 +6,8 @@ Builds the runner and the codec streams as the engine does, compiles them throug
 dynamo with a backend that only counts (no inductor: seconds on a CPU), runs every step
 the runner would capture on CUDA (decode per bucket of rows and attention length, prefill
 per bucket of rows, prompt length and attention length) and the codec's step per bucket
-of rows, and prints the graphs per region. On the GPU each of them is one inductor
+of rows, and prints the graphs per region (as JSON). A step that does not trace whole
+(``fullgraph``) raises: exit status 1. On the GPU each of them is one inductor
 compile at start-up (an empty cache) or one cache load (a warm one). The text-to-semantic
 counts depend only on the buckets (the tiny checkpoint gives S1-mini's); the codec's
 depend on its layers and on the device (on CUDA its dilated convs run over phases, whose
@@ -62,6 +63,8 @@ def main() -> None:
             streams._step(rows)
     print(json.dumps({"captured_steps": {"decode": len(runner.graphs), "prefill": len(runner.prefill_graphs),
                                          "codec": len(streams.buckets)},
+                      "steps_run": len(steps), "decode_row_buckets": runner.buckets,
+                      "prefill_rows": sorted({rows for rows, _, _ in runner.prefill_graphs}),
                       "graphs": dict(graphs), "graphs_total": sum(graphs.values()),
                       "seconds": round(time.perf_counter() - start, 1)}, indent=1))
 

@@ -2,7 +2,10 @@
 batch-independence, the attention lengths a decode step reads, and every captured step
 traced whole by torch.compile (CPU)."""
 
-import collections
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +19,8 @@ from s1_mini.runner import ModelRunner, SequenceState
 from s1_mini.sampler import (CHUNK, BatchSampling, SamplingParams, argmax_last, counter_noise, sample,
                               softmax_last)
 from s1_mini.testing.make_checkpoint import make_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_counter_noise_is_a_function_of_seed_step_draw_and_id():
@@ -238,35 +243,25 @@ def test_decode_attends_to_a_bucket_that_covers_every_row(tmp_path):
 def test_every_captured_step_traces_whole(tmp_path):
     """Every step the runner captures on CUDA (decode per bucket of rows and attention
     length; prefill per bucket of rows, prompt length and attention length) traced by
-    torch.compile with ``fullgraph=True``. On the GPU a graph break or a tracing error
-    in any of them makes ``compile_or_eager`` run that region eagerly from then on: no
-    failure, only a slow engine. The tiny model groups its heads (4 over 2 K/V heads) as
-    S1-mini does, and the batched prefill traces its rows with dynamic shapes, where a
-    head-count test on tensor sizes is a symbolic bool SDPA refuses."""
-    ckpt = make_checkpoint(tmp_path / "ckpt", "tiny", seed=0, codec=False)
-    model, tok = load_text2semantic(ckpt)
+    torch.compile with ``fullgraph=True``, through ``bench/compile_count.py``. On the GPU
+    a graph break or a tracing error in any of them makes ``compile_or_eager`` run that
+    region eagerly from then on: no failure, only a slow engine. The tiny model groups its
+    heads (4 over 2 K/V heads) as S1-mini does, and the batched prefill traces its rows
+    with dynamic shapes, where a head-count test on tensor sizes is a symbolic bool SDPA
+    refuses."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", "tiny", seed=0)
+    model, _ = load_text2semantic(ckpt)
     assert model.slow_shape.n_kv_head < model.slow_shape.n_head
-    compiles = collections.Counter()
-
-    def wrap(fn, dynamic):
-        def counting(gm, example_inputs):
-            compiles[fn.__name__, dynamic] += 1
-            return gm.forward
-
-        return torch.compile(fn, backend=counting, fullgraph=True, dynamic=dynamic)
-
-    runner = ModelRunner(model, tok.im_end_id, 8, 256, prefill_batch_size=4)
-    torch._dynamo.reset()
-    steps = []
-    with torch.inference_mode():
-        runner.compile(wrap)  # on a CPU this captures nothing
-        runner.capture_graphs(lambda step, pool: steps.append(step) or (None, None), None)
-        assert len(steps) == len(runner.graphs) + len(runner.prefill_graphs)
-        assert {rows for rows, _, _ in runner.prefill_graphs} == {1, 2, 4}
-        for step in steps:
-            step()
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compile_count.py"), "--checkpoint", str(ckpt),
+                           "--max-batch-size", "8", "--max-seq-len", "256", "--prefill-batch-size", "4"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    captured = out["captured_steps"]
+    assert out["steps_run"] == captured["decode"] + captured["prefill"]
+    assert out["prefill_rows"] == [1, 2, 4]
     # Static decode shapes: one compile per bucket of rows for each stack, none per attention length.
-    assert compiles["run_block", False] == 2 * len(runner.buckets)
+    assert out["graphs"]["run_block (dynamic=False)"] == 2 * len(out["decode_row_buckets"])
 
 
 class _ReplayedStep:
