@@ -40,7 +40,7 @@ def decode_frame(model: DualARTransformer, tokens: Tensor, pos: Tensor, slots: T
     """One frame for each sequence of the batch (§5.3).
 
     ``tokens [B, N+1, T]`` at positions ``pos [B, T]``; ``slow_history [B, H]`` are the
-    ids penalized for the slow token and ``fast_history [B, N, W]`` row k the codes
+    ids penalized for the slow token and ``fast_history [N, B, W]`` entry k the codes
     penalized for codebook k (both None in the prefill). The frame follows position
     ``at [B]`` (default: the last); the slow stack attends to the first ``kv_len``
     cache positions (default: all). Returns ``[B, N+1]`` int64: the token, then
@@ -61,7 +61,7 @@ def decode_frame(model: DualARTransformer, tokens: Tensor, pos: Tensor, slots: T
     codes = [code]
     for k in range(1, c.num_codebooks):
         logits = model.forward_fast(model.fast_embeddings(code), k, slots, block=block, head=head)
-        code = sample_fn(logits, None if fast_history is None else fast_history[:, k], sampling, draws[k])
+        code = sample_fn(logits, None if fast_history is None else fast_history[k], sampling, draws[k])
         codes.append(code)
     return torch.stack([token, *codes], dim=1)
 
@@ -75,6 +75,9 @@ class SlotState:
     and the penalty window as a ring of the last ``PENALTY_WINDOW`` frames. The ring
     holds the same ids as the reference's window (§5.5): before step 16 the frames so
     far plus zeros, then the 16 previous; the codebooks' penalty treats it as a set.
+    The ring is codebook-major (``[N+1, slots, W]``) so that one codebook's windows over
+    the rows are contiguous, like the slow token's gathered ones: the compiled sampler
+    then sees one layout of its penalty history (a strided one cost it extra graphs).
     """
 
     def __init__(self, slots: int, width: int, max_pos: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -85,7 +88,7 @@ class SlotState:
         self.last = zeros(slots, width)
         self.pos = zeros(slots)
         self.step = zeros(slots)
-        self.ring = zeros(slots, width, PENALTY_WINDOW)
+        self.ring = zeros(width, slots, PENALTY_WINDOW)
         self.seed = zeros(slots)
         self.greedy = zeros(slots, dtype=torch.bool)
         self.temperature = zeros(slots, dtype=dtype)
@@ -97,7 +100,7 @@ class SlotState:
         self.last[slot] = frame
         self.pos[slot] = pos
         self.step[slot] = 0
-        self.ring[slot] = 0
+        self.ring[:, slot] = 0
         self.seed[slot] = (seed or 0) % 2**63
         self.greedy[slot] = seed is None
         t, p, r = params.effective()
@@ -113,8 +116,8 @@ class SlotState:
     def advance(self, rows: int, frames: Tensor) -> None:
         """Record ``frames [rows, N+1]`` as the first ``rows`` slots' newest frames. Free
         slots run along on dummy state: their position stops at the cache's end."""
-        column = (self.step[:rows] % PENALTY_WINDOW)[:, None, None].expand(-1, frames.shape[1], 1)
-        self.ring[:rows].scatter_(2, column, frames[:, :, None])
+        column = (self.step[:rows] % PENALTY_WINDOW)[None, :, None].expand(frames.shape[1], -1, 1)
+        self.ring[:, :rows].scatter_(2, column, frames.T[:, :, None])
         self.last[:rows] = frames
         self.pos[:rows] = (self.pos[:rows] + 1).clamp(max=self.max_pos)
         self.step[:rows] += 1
@@ -127,14 +130,15 @@ def decode_step(model: DualARTransformer, state: SlotState, rows: int, noise: No
     attention reads the first ``kv_len`` cache positions, which must cover every
     running row's position. Returns the frames ``[rows, N+1]``. Pure tensor work, so it
     can be captured in a CUDA graph (``noise=None``: counter noise)."""
-    window = state.ring[:rows]
+    window = state.ring[:, :rows]
     # The slow token's penalty ids are the window's first column, all N+1 rows of it,
     # as in the reference (§5.5): in the ring, column 0 until it wraps, then the oldest.
     step = state.step[:rows]
     first = torch.where(step >= PENALTY_WINDOW, step % PENALTY_WINDOW, 0)
-    slow_history = window.gather(2, first[:, None, None].expand(-1, window.shape[1], 1))[:, :, 0]
+    columns = first[:, None, None].expand(-1, window.shape[0], 1)
+    slow_history = window.transpose(0, 1).gather(2, columns)[:, :, 0]  # [rows, N+1], a new tensor
     frames = decode_frame(model, state.last[:rows, :, None], state.pos[:rows, None], None,
-                          state.sampling(rows, noise), slow_history, window[:, 1:], sample_fn, block,
+                          state.sampling(rows, noise), slow_history, window[1:], sample_fn, block,
                           kv_len=kv_len, head=head)
     state.advance(rows, frames)
     return frames

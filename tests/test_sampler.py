@@ -262,6 +262,10 @@ def test_every_captured_step_traces_whole(tmp_path):
     assert out["prefill_rows"] == [1, 2, 4]
     # Static decode shapes: one compile per bucket of rows for each stack, none per attention length.
     assert out["graphs"]["run_block (dynamic=False)"] == 2 * len(out["decode_row_buckets"])
+    # The sampler: static, dynamic rows and one row, each with a penalty history (decode)
+    # and without (prefill). The codebooks' histories have the slow token's layout, so no
+    # graph is compiled for a strided one (the ring was slot-major: 8).
+    assert out["graphs"]["sample (dynamic=None)"] == 6
 
 
 class _ReplayedStep:
