@@ -8,6 +8,9 @@
 #   KINDS="server" or KINDS="sagemaker" runs one front end (two calls on the same warm
 #   machine when both do not fit one call: the inductor cache in $CACHE and the checkpoint
 #   stay, so the second start loads compiled kernels instead of compiling).
+#   PYSPY=SECONDS records the front end's Python stacks with py-spy (carried in .whl) for
+#   that long once it is ready (--gil: what holds the interpreter lock, the event loop's
+#   and the scheduler thread's share of it), into $OUT/pyspy_KIND.txt (collapsed stacks).
 # Every setting below is an environment variable, so the same script dry-runs on a CPU:
 #   INSTALL=0 PY=.venv/bin/python DEVICE=cpu PRECISION=float32 COMPILE=0 PRESET=tiny \
 #   SEQ_LEN=0 LEVELS=1,2 FRAMES=8 VOICE_SECONDS=0.05 FRAME_SAMPLES=64 OUT=/tmp/o bash bench/run_serve_gpu.sh
@@ -38,6 +41,15 @@ export S1_MINI_MAX_SEQ_LEN=$SEQ_LEN S1_MINI_COMPILE_CACHE_DIR=$CACHE S1_MINI_MAX
 compile_flag=--compile
 [ "$COMPILE" = 1 ] || compile_flag=--no-compile
 
+record() {  # record KIND PID PATH: py-spy's GIL samples of PID for $PYSPY s once PATH answers 200
+  [ -n "${PYSPY:-}" ] || return 0
+  local spy=${PYSPY_BIN:-/tmp/site/bin/py-spy}
+  (until $PY -c "import httpx, sys; sys.exit(httpx.get('http://127.0.0.1:$PORT$3').status_code != 200)" 2>/dev/null; do
+     sleep 2; kill -0 "$2" 2>/dev/null || exit 0; done
+   "$spy" record --pid "$2" --duration "$PYSPY" --rate 200 --gil --threads --format raw \
+     -o "$out/pyspy_$1.txt" > "$out/pyspy_$1.log" 2>&1) &
+}
+
 sweep() {  # sweep KIND PID: wait for readiness, run every level, write $out/serve_sweep_KIND.json
   timeout "$SWEEP_TIMEOUT" $PY bench/serve_sweep.py --url "http://127.0.0.1:$PORT" --kind "$1" \
     --concurrency "$LEVELS" --frames "$FRAMES" --voice-seconds "$VOICE_SECONDS" --frame-samples "$FRAME_SAMPLES" \
@@ -60,6 +72,7 @@ for kind in $KINDS; do
         --precision "$PRECISION" $compile_flag --max-batch-size "$MAX_BATCH" --max-concurrent-streams "$MAX_STREAMS" \
         --max-new-tokens "$FRAMES" --log-level warning > "$out/server.log" 2>&1 &
       pid=$!
+      record server $pid /ready
       sweep server $pid
       stop server $pid
       ;;
@@ -73,6 +86,7 @@ for kind in $KINDS; do
       S1_MINI_MAX_NEW_TOKENS=$FRAMES \
         $PY -m s1_mini.sagemaker.serve serve --host 127.0.0.1 --port "$PORT" > "$out/sagemaker.log" 2>&1 &
       pid=$!
+      record sagemaker $pid /ping
       sweep sagemaker $pid
       stop sagemaker $pid
       ;;
