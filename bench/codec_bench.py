@@ -2,7 +2,7 @@
 
     python bench/codec_bench.py --checkpoint DIR [--device cuda] [--precision bfloat16]
         [--seconds 10] [--batches 1,8,32] [--chunks 1,4] [--repeats 5] [--compile]
-        [--dilation phases|cudnn] --json OUT.json
+        [--dilation phases|cudnn] [--cudnn-benchmark] --json OUT.json
 
 The codec is loaded as the engine loads it (``Codec.from_checkpoint`` + ``set_precision``).
 Codes are random, of the right shape for ``--seconds`` of audio (frames = seconds ·
@@ -19,6 +19,9 @@ sample_rate / frame_length, from the codec config). Random weights: speed only.
   CUDA graphs (``CodecStreams.compile``).
 - ``--dilation``: how CUDA runs the dilated convs: undilated over their dilation phases
   (``phases``, the default) or as cuDNN's dilated convs (``cudnn``; the CPU always does).
+- ``--cudnn-benchmark``: ``torch.backends.cudnn.benchmark`` on: cuDNN times its
+  convolution algorithms for each new input shape and keeps the fastest (the first call
+  of a shape pays for it, in the warm-up runs).
 - ``encode.b1``: ``Codec.encode`` of ``--seconds`` of reference audio (sine + noise).
 
 Every timing synchronises CUDA before and after; warm-up runs come first; offline figures
@@ -128,6 +131,8 @@ def main() -> None:
                    help="the engine's compiled path (inductor input passes, CUDA graphs)")
     p.add_argument("--dilation", default="phases", choices=("phases", "cudnn"),
                    help="CUDA's dilated convs: undilated over their phases, or cuDNN's dilated kernels")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="let cuDNN time its convolution algorithms per input shape and keep the fastest")
     p.add_argument("--profile", action="store_true",
                    help="print torch.profiler's kernel table for one offline decode at the largest batch <= 8")
     p.add_argument("--json", required=True, type=Path)
@@ -137,6 +142,7 @@ def main() -> None:
         raise SystemExit("--device cuda but no CUDA device: pass --device cpu --precision float32 for a smoke run")
     if args.dilation == "cudnn":
         layers.PHASED_DILATION.discard("cuda")
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     batches = sorted({1, *(int(b) for b in args.batches.split(","))})
     chunks = [int(c) for c in args.chunks.split(",")]
 
@@ -153,7 +159,7 @@ def main() -> None:
         compile_fn = lambda fn: compile_or_eager(fn, "inductor", None, fullgraph=True, dynamic=True)  # noqa: E731
         codec.compile_pointwise(compile_fn)
     result: dict[str, Any] = {
-        "impl": "ours", "compiled": args.compile, "dilation": args.dilation,
+        "impl": "ours", "compiled": args.compile, "dilation": args.dilation, "cudnn_benchmark": args.cudnn_benchmark,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "precision": args.precision, "checkpoint": str(args.checkpoint),
         "parameters": sum(t.numel() for t in codec.parameters()),
