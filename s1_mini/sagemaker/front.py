@@ -246,7 +246,7 @@ def create_app(settings: Settings | None = None,
         content_type = request.headers.get("content-type", "application/json")
         data = await asyncio.to_thread(front.handler("input_fn"), raw, content_type)
         if _wants_stream(request, data):
-            return await front.synth.stream(request, data.job, _stream_format(data), {})
+            return await front.synth.stream(data.job, _stream_format(data), {})
         if request.headers.get(FORWARDED_API) == REALTIME_API:
             _check_realtime(data, front.settings.realtime_max_text_chars)
         accept = request.headers.get("accept", "")

@@ -86,7 +86,7 @@ async def tts(request: Request) -> Response:
         body = parse(TTSRequest, data)
     job = tts_job(body)
     if body.streaming:
-        return await synth.stream(request, job, KNOWN["pcm"], _headers(job, "pcm"), with_header=False)
+        return await synth.stream(job, KNOWN["pcm"], _headers(job, "pcm"), with_header=False)
     fmt = KNOWN[body.format]
     audio, rate, timings = await synth.synthesize(job, fmt, request)
     return Response(audio, media_type=fmt.media_type, headers={
@@ -108,7 +108,7 @@ async def tts_stream(request: Request) -> Response:
         except UnsupportedFormat as exc:
             raise APIError(422, "invalid_request", str(exc), "format") from None
     job = tts_job(body)
-    return await synth.stream(request, job, fmt, _headers(job, fmt.name))
+    return await synth.stream(job, fmt, _headers(job, fmt.name))
 
 
 @router.post("/v1/audio/speech", openapi_extra=body_spec("SpeechRequest", msgpack=False),
@@ -134,11 +134,11 @@ async def speech(request: Request) -> Response:
     name = body.response_format
     headers = _headers(job, name)
     if body.stream_format == "sse":
-        return await synth.stream(request, job, KNOWN["pcm"], headers, out_rate=OPENAI_PCM_RATE, sse=True)
+        return await synth.stream(job, KNOWN["pcm"], headers, out_rate=OPENAI_PCM_RATE, sse=True)
     if name == "pcm":
-        return await synth.stream(request, job, KNOWN["pcm"], headers, out_rate=OPENAI_PCM_RATE)
+        return await synth.stream(job, KNOWN["pcm"], headers, out_rate=OPENAI_PCM_RATE)
     if name == "wav" and body.stream_format == "audio":
-        return await synth.stream(request, job, KNOWN["wav"], headers)
+        return await synth.stream(job, KNOWN["wav"], headers)
     fmt = KNOWN[name]
     audio, rate, _ = await synth.synthesize(job, fmt, request)
     return Response(audio, media_type=fmt.media_type, headers={**headers, "X-Sample-Rate": str(rate)})

@@ -177,7 +177,7 @@ class Synthesizer:
 
     # ------------------------------------------------------------------ streams
 
-    async def stream(self, request: Request, job: Job, fmt: AudioFormat, headers: dict[str, str],
+    async def stream(self, job: Job, fmt: AudioFormat, headers: dict[str, str],
                      out_rate: int | None = None, sse: bool = False, with_header: bool = True) -> StreamingResponse:
         """Start generating, wait for the first chunk (so bad input still gets a 4xx
         status), then stream. A client that goes away cancels the request."""
@@ -253,10 +253,11 @@ class Synthesizer:
                 data = piece(first)
                 if data:
                     yield data
+                # A client that leaves is noticed by Starlette, which listens for the
+                # disconnect beside this body and cancels it (the engine request with it):
+                # no check per chunk (request.is_disconnected() cost 37 us a chunk, three
+                # times the rest of a chunk's way through uvicorn).
                 async for chunk in generator:
-                    if await request.is_disconnected():
-                        state["code"] = ErrorCode.CANCELLED
-                        return
                     data = piece(chunk)
                     if data:
                         yield data
