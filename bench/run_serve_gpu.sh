@@ -10,7 +10,8 @@
 #   stay, so the second start loads compiled kernels instead of compiling).
 #   PYSPY=SECONDS records the front end's Python stacks with py-spy (carried in .whl) for
 #   that long once it is ready (--gil: what holds the interpreter lock, the event loop's
-#   and the scheduler thread's share of it), into $OUT/pyspy_KIND.txt (collapsed stacks).
+#   and the scheduler thread's share of it), into $OUT/pyspy_KIND.txt (collapsed stacks;
+#   bench/pyspy_summary.py sums them per thread).
 # Every setting below is an environment variable, so the same script dry-runs on a CPU:
 #   INSTALL=0 PY=.venv/bin/python DEVICE=cpu PRECISION=float32 COMPILE=0 PRESET=tiny \
 #   SEQ_LEN=0 LEVELS=1,2 FRAMES=8 VOICE_SECONDS=0.05 FRAME_SAMPLES=64 OUT=/tmp/o bash bench/run_serve_gpu.sh

@@ -107,3 +107,23 @@ def test_refuses_bad_arguments(args, tmp_path):
 def test_audio_seconds_from_the_header():
     header = serve_sweep.load.sine_wav(0.0)[:36] + b"data" + b"\xff\xff\xff\xff"  # 22050 Hz 16-bit mono
     assert serve_sweep.audio_seconds(header + b"\0\0" * 22050) == pytest.approx(1.0)
+
+
+def test_pyspy_summary_counts_samples_per_thread(tmp_path):
+    """bench/pyspy_summary.py on a recording in py-spy's raw format (collapsed stacks with
+    ``--threads``): shares per thread, and per thread this project's innermost function."""
+    recording = tmp_path / "pyspy.txt"
+    recording.write_text(
+        "thread (0x7f01): MainThread;run (asyncio/base_events.py:640);body (s1_mini/server/synthesis.py:257) 3\n"
+        "thread (0x7f01): MainThread 1\n"
+        "thread (0x7f02): s1-mini-scheduler;_loop (s1_mini/scheduler.py:176);decode (s1_mini/runner.py:480) 6\n")
+    spec = importlib.util.spec_from_file_location("bench_pyspy_summary", ROOT / "bench" / "pyspy_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lines = module.summarize(str(recording), top=5).splitlines()
+    assert lines[0] == "10 samples holding the GIL"
+    assert lines[1].split() == ["6", "60.0%", "s1-mini-scheduler"]
+    assert lines[2].split() == ["60.0%", "decode", "(s1_mini/runner.py:480)"]
+    assert lines[3].split() == ["4", "40.0%", "MainThread"]
+    assert lines[4].split() == ["30.0%", "body", "(s1_mini/server/synthesis.py:257)"]
+    assert lines[5].split() == ["10.0%", "(no", "Python", "frame)"]
