@@ -19,8 +19,10 @@ def summarize(path: str, top: int) -> str:
     threads: collections.Counter = collections.Counter()
     functions: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     total = 0
-    for line in open(path):
-        stack, _, count = line.rstrip("\n").rpartition(" ")
+    with open(path) as recording:
+        lines = recording.read().splitlines()
+    for line in lines:
+        stack, _, count = line.rpartition(" ")
         if not stack:
             continue
         frames = stack.split(";")
@@ -32,12 +34,12 @@ def summarize(path: str, top: int) -> str:
         threads[thread] += n
         ours = [f for f in frames if "s1_mini/" in f]
         functions[thread][(ours[-1] if ours else frames[-1] if frames else "(no Python frame)")] += n
-    lines = [f"{total} samples holding the GIL"]
+    report = [f"{total} samples holding the GIL"]
     for thread, n in threads.most_common():
-        lines.append(f"{n:7d} {100 * n / total:5.1f}%  {thread}")
+        report.append(f"{n:7d} {100 * n / total:5.1f}%  {thread}")
         for name, k in functions[thread].most_common(top):
-            lines.append(f"          {100 * k / total:5.1f}%  {name}")
-    return "\n".join(lines)
+            report.append(f"          {100 * k / total:5.1f}%  {name}")
+    return "\n".join(report)
 
 
 def main() -> None:
